@@ -1,0 +1,6 @@
+"""Benchmarks: registered tasks that build requests, parse responses and score them."""
+
+from mmprune_exp.benchmarks.base import BENCHMARKS, Benchmark, Record, build_benchmark, register_benchmark
+from mmprune_exp.benchmarks import shapes  # noqa: F401  (registers shapes_vqa, shapes_grounding)
+
+__all__ = ["BENCHMARKS", "Benchmark", "Record", "build_benchmark", "register_benchmark"]

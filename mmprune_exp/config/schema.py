@@ -1,0 +1,238 @@
+"""Dataclass schemas for every config group, and the validation that runs right after composition.
+
+Each YAML option in ``conf/<group>/`` starts its defaults list with ``/schema/<group>@_here_: <name>``, so
+Hydra merges it onto one of these dataclasses: an unknown key or a value of the wrong type fails while
+composing, with OmegaConf naming the full key. Range and enum checks (a sparsity of 1.5, a negative
+limit, an unknown device) live in ``__post_init__`` and run in :func:`validate`, which ``run.py`` calls
+before it loads anything; the error names the key as ``<group>.<field>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from mmprune_exp import ASSETS_DIR
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key (``group.field``) and what is allowed."""
+
+
+class _FieldError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _FieldError(key, message)
+
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MODEL_PARTS = ("language", "vision", "merger", "lm_head")
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load and how (``model=...``)."""
+
+    name: str = "qwen2_5_vl_tiny"
+    family: str = "qwen2_5_vl"  # picks the adapter from the adapter registry
+    path: str = "???"  # HF hub id or local directory
+    dtype: str = "float32"
+    device: str = "auto"  # auto = cuda when available, else cpu
+    attn_implementation: str = "sdpa"
+    min_pixels: int = 3136
+    max_pixels: int = 12544
+    local_files_only: bool = False  # True: never contact the hub, even where the network works
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; choose one of {DTYPES}")
+        _require(
+            bool(_DEVICE_RE.match(self.device)),
+            "device",
+            f"got {self.device!r}; use auto, cpu, mps, cuda or cuda:N",
+        )
+        _require(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            "attn_implementation",
+            f"got {self.attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}",
+        )
+        _require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        _require(
+            self.max_pixels >= self.min_pixels,
+            "max_pixels",
+            f"must be >= min_pixels ({self.min_pixels}), got {self.max_pixels}",
+        )
+
+
+@dataclass
+class PrunerConfig:
+    """Common fields of every pruner (``pruner=...``); a pruner with its own knobs subclasses this."""
+
+    name: str = "none"
+    # Parts of the model whose linear layers are pruned; the adapter maps each part to module names.
+    scope: list[str] = field(default_factory=lambda: ["language"])
+    # Within the language decoder, which linears (by attribute name) are targets.
+    modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.scope if p not in MODEL_PARTS]
+        _require(not bad, "scope", f"unknown part(s) {bad}; choose from {MODEL_PARTS}")
+        _require(len(self.modules) > 0, "modules", "name at least one linear (e.g. q_proj)")
+
+
+@dataclass
+class SparsityConfig:
+    """Target sparsity (``sparsity=s50``): the fraction of weights set to zero in each target matrix."""
+
+    name: str = "s50"
+    value: float = 0.5
+    structure: str = "unstructured"  # unstructured | nm
+    n: int = 0  # for structure=nm: n zeros in every group of m consecutive input weights
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.value < 1.0, "value", f"must be in [0, 1), got {self.value}")
+        _require(
+            self.structure in ("unstructured", "nm"),
+            "structure",
+            f"got {self.structure!r}; choose unstructured or nm",
+        )
+        if self.structure == "nm":
+            _require(0 < self.n < self.m, "n", f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data (``calibration=...``)."""
+
+    name: str = "shapes"
+    nsamples: int = 32
+    seed: int = 0
+    max_length: int = 2048
+    path: Optional[str] = None  # data file for loaders that read one
+
+    def __post_init__(self) -> None:
+        _require(self.nsamples > 0, "nsamples", f"must be positive, got {self.nsamples}")
+        _require(self.max_length > 0, "max_length", f"must be positive, got {self.max_length}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Evaluation task (``benchmark=...``) and its generation settings."""
+
+    name: str = "shapes_vqa"
+    split: str = "eval"
+    limit: Optional[int] = None  # evaluate only the first `limit` records (smoke runs)
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    path: Optional[str] = None  # data root for benchmarks read from files
+
+    def __post_init__(self) -> None:
+        _require(self.limit is None or self.limit > 0, "limit", f"must be positive or null, got {self.limit}")
+        _require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        _require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (``logger=wandb|none``)."""
+
+    name: str = "none"
+    project: str = "mmprune-exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: str = "prune_eval"
+    run_name: Optional[str] = None
+    mode: str = "auto"  # auto = online when an API key is configured, else offline
+    tags: list[str] = field(default_factory=list)
+    log_samples: bool = True
+
+    def __post_init__(self) -> None:
+        modes = ("auto", "online", "offline", "disabled")
+        _require(self.mode in modes, "mode", f"got {self.mode!r}; choose one of {modes}")
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "."
+    cache_dir: str = "outputs/cache"
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"qwen2_5_vl": ModelConfig},
+    "pruner": {"base": PrunerConfig},
+    "sparsity": {"base": SparsityConfig},
+    "calibration": {"base": CalibrationConfig},
+    "benchmark": {"base": BenchmarkConfig},
+    "logger": {"base": LoggerConfig},
+    "paths": {"base": PathsConfig},
+}
+
+
+def register_schema(group: str, name: str, node: type) -> None:
+    """Add a schema (e.g. a pruner with extra knobs) that YAML options can extend."""
+    SCHEMAS.setdefault(group, {})[name] = node
+    ConfigStore.instance().store(group=f"schema/{group}", name=name, node=node)
+
+
+def _asset_path(name: str) -> str:
+    return str(ASSETS_DIR / name)
+
+
+def register_configs() -> None:
+    """Store all schemas in Hydra's ConfigStore and register the ``mmp_asset`` resolver. Idempotent."""
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            ConfigStore.instance().store(group=f"schema/{group}", name=name, node=node)
+    if not OmegaConf.has_resolver("mmp_asset"):
+        # ${mmp_asset:qwen2_5_vl_tiny} -> the packaged checkpoint, wherever the package is installed.
+        OmegaConf.register_new_resolver("mmp_asset", _asset_path)
+
+
+def _group_object(group: str, node: DictConfig) -> Any:
+    """Instantiate the group's dataclass so that its ``__post_init__`` checks run.
+
+    ``+group.key=value`` force-adds keys past the schema, so unknown keys are checked here as well.
+    """
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(node.keys()) - known)
+        if unknown:
+            raise _FieldError(unknown[0], f"unknown key for {schema.__name__}; known keys: {sorted(known)}")
+    return OmegaConf.to_object(node)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every group's values; raise :class:`ConfigError` naming ``group.key`` on the first problem.
+
+    Called before any model or data is loaded, so a bad sweep point fails in seconds.
+    """
+    for group in SCHEMAS:
+        if group not in cfg or group == "paths":
+            continue
+        node = cfg[group]
+        if not isinstance(node, DictConfig):
+            continue
+        try:
+            _group_object(group, node)
+        except _FieldError as err:
+            value = OmegaConf.select(cfg, f"{group}.{err.key}", throw_on_missing=False)
+            raise ConfigError(f"{group}.{err.key}={value!r} is invalid: {err.message}") from None
+    if cfg.get("seed") is not None and int(cfg.seed) < 0:
+        raise ConfigError(f"seed={cfg.seed} is invalid: must be >= 0")

@@ -1,0 +1,93 @@
+"""Adapter interface, the generation request record, and the adapter registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmprune_exp.config.schema import ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says which path/key to fix."""
+
+
+@dataclass
+class Request:
+    """One prompt for the model: a user turn with images/videos placed before the text.
+
+    ``answer`` is set for calibration conversations (prompt + answer), and left ``None`` for generation.
+    """
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)
+    answer: str | None = None
+
+
+class ModelAdapter(ABC):
+    """What the rest of the package may ask of a loaded model."""
+
+    model: nn.Module
+    processor: object
+    device: torch.device
+
+    @abstractmethod
+    def generate(self, requests: list[Request], max_new_tokens: int) -> list[str]:
+        """Greedy-decode a batch; returns the new text of each request, special tokens removed."""
+
+    @abstractmethod
+    def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Processor outputs (input_ids, attention_mask, pixel_values, grid sizes) on the model's device."""
+
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers, in order."""
+
+    @abstractmethod
+    def target_linears(self, scope: list[str], modules: list[str]) -> dict[str, nn.Linear]:
+        """Linear layers to prune, by full module name, for the given model parts and decoder linears."""
+
+    @abstractmethod
+    def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool tensor, True where a token is a visual (image or video) placeholder token."""
+
+    @staticmethod
+    def layer_index(module_name: str) -> int | None:
+        """Decoder layer index of a module name like ``...layers.3.mlp.up_proj`` (None outside layers)."""
+        parts = module_name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part == "layers" and parts[i + 1].isdigit():
+                return int(parts[i + 1])
+        return None
+
+
+ADAPTERS: dict[str, Callable[[ModelConfig], ModelAdapter]] = {}
+
+
+def register_adapter(family: str):
+    def decorator(cls):
+        ADAPTERS[family] = cls
+        return cls
+
+    return decorator
+
+
+def load_adapter(cfg: ModelConfig) -> ModelAdapter:
+    if cfg.family not in ADAPTERS:
+        raise ModelLoadError(f"model.family={cfg.family!r} has no adapter; known families: {sorted(ADAPTERS)}")
+    return ADAPTERS[cfg.family](cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device={name!r} but CUDA is not available here; use model.device=cpu")
+    return device

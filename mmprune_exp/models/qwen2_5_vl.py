@@ -1,0 +1,154 @@
+"""Qwen2.5-VL adapter (transformers ``Qwen2_5_VLForConditionalGeneration`` + ``AutoProcessor``).
+
+Layout in transformers 5.x: ``model.model.visual`` (vision tower with ``blocks`` and ``merger``),
+``model.model.language_model.layers`` (decoder layers), ``model.lm_head``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmprune_exp.config.schema import ModelConfig
+from mmprune_exp.models.base import ModelAdapter, ModelLoadError, Request, register_adapter, resolve_device
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def _looks_local(path: str) -> bool:
+    # HF ids are "org/name"; anything absolute, relative-dotted or home-based is meant as a directory.
+    return path.startswith(("/", "./", "../", "~")) or os.path.isdir(path)
+
+
+def _offline_hint(path: str) -> str:
+    return (
+        f"model.path={path!r} could not be loaded from the Hugging Face hub (no network, or not in the local cache). "
+        "Download the weights where there is network (e.g. `huggingface-cli download "
+        f"{path} --local-dir /data/{Path(path).name}`) and pass model.path=/data/{Path(path).name}."
+    )
+
+
+@register_adapter("qwen2_5_vl")
+class Qwen25VLAdapter(ModelAdapter):
+    def __init__(self, cfg: ModelConfig):
+        from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        path = os.path.expanduser(cfg.path)
+        if _looks_local(path) and not os.path.isdir(path):
+            raise ModelLoadError(
+                f"model.path={cfg.path!r} is not a directory. Point model.path at a folder holding config.json "
+                "and the safetensors weights (or at a Hugging Face id such as Qwen/Qwen2.5-VL-7B-Instruct)."
+            )
+        local_only = cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        # The config is tiny: loading it first turns a wrong path or a missing network into an error in
+        # seconds, before gigabytes of weights are touched.
+        try:
+            hf_config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        except OSError as err:
+            if _looks_local(path):
+                raise ModelLoadError(f"model.path={cfg.path!r}: no usable config.json there ({err})") from err
+            raise ModelLoadError(_offline_hint(path)) from err
+        if hf_config.model_type != "qwen2_5_vl":
+            raise ModelLoadError(
+                f"model.path={cfg.path!r} holds a {hf_config.model_type!r} checkpoint, but model.family=qwen2_5_vl"
+            )
+        try:
+            self.processor = AutoProcessor.from_pretrained(
+                path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, local_files_only=local_only
+            )
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path,
+                dtype=DTYPES[cfg.dtype],
+                attn_implementation=cfg.attn_implementation,
+                local_files_only=local_only,
+            )
+        except OSError as err:
+            raise ModelLoadError(_offline_hint(path) if not _looks_local(path) else str(err)) from err
+        self.model.to(self.device).eval()
+        # Batched greedy generation needs the prompts aligned at the right edge.
+        self.processor.tokenizer.padding_side = "left"
+        self.tokenizer = self.processor.tokenizer
+        self.visual_token_ids = torch.tensor(
+            [hf_config.image_token_id, hf_config.video_token_id], device=self.device
+        )
+        self.end_of_turn = "<|im_end|>"
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def build_prompt(self, request: Request) -> str:
+        content = [{"type": "image"} for _ in request.images]
+        content += [{"type": "video"} for _ in request.videos]
+        content.append({"type": "text", "text": request.text})
+        prompt = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        if request.answer is not None:
+            prompt += request.answer + self.end_of_turn
+        return prompt
+
+    def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        images = [img for r in requests for img in r.images]
+        videos = [vid for r in requests for vid in r.videos]
+        kwargs = {}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+        batch = self.processor(
+            text=[self.build_prompt(r) for r in requests], padding=True, return_tensors="pt", **kwargs
+        )
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], max_new_tokens: int) -> list[str]:
+        inputs = self.encode(requests)
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    # -- structure ---------------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def target_linears(self, scope: list[str], modules: list[str]) -> dict[str, nn.Linear]:
+        found: dict[str, nn.Linear] = {}
+        parts = {
+            "language": ("model.language_model.layers", lambda name: name.split(".")[-1] in modules),
+            "vision": ("model.visual.blocks", lambda name: True),
+            "merger": ("model.visual.merger", lambda name: True),
+        }
+        for part in scope:
+            if part == "lm_head":
+                if self.model.config.get_text_config().tie_word_embeddings:
+                    raise ModelLoadError(
+                        "pruner.scope includes lm_head, but this checkpoint ties lm_head to the input "
+                        "embeddings; pruning it would prune the embeddings too. Remove lm_head from pruner.scope."
+                    )
+                found["lm_head"] = self.model.lm_head
+                continue
+            prefix, keep = parts[part]
+            root = self.model.get_submodule(prefix)
+            for name, module in root.named_modules():
+                if isinstance(module, nn.Linear) and keep(name):
+                    found[f"{prefix}.{name}"] = module
+        if not found:
+            raise ModelLoadError(f"no linear layers match pruner.scope={scope} and pruner.modules={modules}")
+        return found
+
+    def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))

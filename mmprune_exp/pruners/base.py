@@ -1,0 +1,51 @@
+"""Pruner interface and registry.
+
+A weight pruner changes weights once, in place, before evaluation. ``needs_calibration`` tells the run
+whether to build calibration batches at all (magnitude pruning does not).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mmprune_exp.config.schema import PrunerConfig, SparsityConfig
+from mmprune_exp.models.base import ModelAdapter, Request
+
+
+class Pruner:
+    needs_calibration: bool = False
+
+    def __init__(self, cfg: PrunerConfig, sparsity: SparsityConfig):
+        self.cfg = cfg
+        self.sparsity = sparsity
+
+    def prune(self, adapter: ModelAdapter, calibration: list[Request] | None) -> None:
+        raise NotImplementedError
+
+    def targets(self, adapter: ModelAdapter):
+        return adapter.target_linears(list(self.cfg.scope), list(self.cfg.modules))
+
+
+PRUNERS: dict[str, Callable[[PrunerConfig, SparsityConfig], Pruner]] = {}
+
+
+def register_pruner(name: str):
+    def decorator(cls):
+        PRUNERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_pruner(cfg: PrunerConfig, sparsity: SparsityConfig) -> Pruner:
+    if cfg.name not in PRUNERS:
+        raise KeyError(f"pruner.name={cfg.name!r} is not registered; known: {sorted(PRUNERS)}")
+    return PRUNERS[cfg.name](cfg, sparsity)
+
+
+@register_pruner("none")
+class NoPruner(Pruner):
+    """Leaves the weights as they are (a dense sweep point)."""
+
+    def prune(self, adapter: ModelAdapter, calibration: list[Request] | None) -> None:
+        return None

@@ -1,0 +1,47 @@
+"""Mask shapes shared by all weight pruners: which entries of a score matrix are set to zero.
+
+Every function takes ``scores`` (higher = more important, shape ``[out, in]``) and returns a bool mask
+of the same shape that is True where the weight is pruned. Ties are broken by position (stable sort),
+so equal scores give the same mask on every run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _lowest(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries along ``dim`` (stable: earlier index pruned first on ties)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    order = torch.sort(scores, dim=dim, stable=True).indices
+    idx = order.narrow(dim, 0, k)
+    return mask.scatter_(dim, idx, True)
+
+
+def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One threshold per matrix: prune ``int(numel * sparsity)`` lowest scores of the whole matrix."""
+    k = int(scores.numel() * sparsity)
+    return _lowest(scores.reshape(-1), k).reshape(scores.shape)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One threshold per output row: prune ``int(in_features * sparsity)`` lowest scores of every row."""
+    return _lowest(scores, int(scores.shape[1] * sparsity), dim=1)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M: in every group of ``m`` consecutive input weights of a row, prune the ``n`` lowest."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, got {cols}")
+    grouped = scores.reshape(rows, cols // m, m)
+    return _lowest(grouped, n, dim=-1).reshape(rows, cols)
+
+
+def structured_mask(scores: torch.Tensor, sparsity, per_row: bool) -> torch.Tensor:
+    """Dispatch on the sparsity config: N:M when ``structure == "nm"``, else per-matrix or per-row."""
+    if sparsity.structure == "nm":
+        return nm_mask(scores, sparsity.n, sparsity.m)
+    return row_mask(scores, sparsity.value) if per_row else matrix_mask(scores, sparsity.value)
