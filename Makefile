@@ -1,0 +1,44 @@
+# Verbs people use. Every target installs what it needs first (`make install` is idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines here install these two from local disk; on a CUDA box pick the build you want, e.g.
+#   make install TORCH="torch==2.6.0 torchvision==0.21.0"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with torch, the package and the dev tools
+
+run: install ## Prune + evaluate the embedded tiny Qwen2.5-VL (pass overrides with ARGS="pruner=... sparsity=...")
+	$(PY) run.py $(ARGS)
+
+test: install ## Fast test suite (what CI runs)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-full: install ## All tests, slow ones included
+	$(PY) -m pytest $(ARGS)
+
+lint: install ## ruff on the package, tests and benchmarks
+	$(VENV)/bin/ruff check --line-length 120 mmprune_exp tests bench run.py
+
+tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~15 min on 2 CPU cores)
+	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
+
+clean: ## Remove caches and outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache outputs/runs outputs/multirun outputs/cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+.PHONY: help install run test test-full lint tiny-model clean
