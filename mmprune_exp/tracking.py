@@ -11,6 +11,9 @@ import json
 import logging
 import netrc
 import os
+import struct
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,7 +77,7 @@ class WandbTracker(Tracker):
         mode = resolve_mode(cfg.mode)
         # A requeued job (SLURM preemption, rerun in the same dir) continues the same W&B run.
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         init_kwargs = dict(
             project=cfg.project,
             entity=cfg.entity,
@@ -143,3 +146,80 @@ def build_tracker(cfg: LoggerConfig, config: dict[str, Any], run_dir: Path) -> T
     if cfg.name not in TRACKERS:
         raise KeyError(f"logger.name={cfg.name!r} is not registered; known: {sorted(TRACKERS)}")
     return TRACKERS[cfg.name](cfg, config, run_dir)
+
+
+# -- reading an offline run back ------------------------------------------------------------------
+
+
+@dataclass
+class OfflineRun:
+    """What an offline W&B run holds, read from its ``run-<id>.wandb`` file without a server."""
+
+    run_id: str = ""
+    name: str = ""
+    group: str = ""
+    job_type: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+# The .wandb file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records, each with a
+# 7-byte header (crc32, length, type) where type 1 = whole record, 2/3/4 = first/middle/last fragment.
+_BLOCK = 32768
+_HEADER = 7
+
+
+def _log_records(data: bytes):
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def _items(items) -> dict[str, Any]:
+    return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+def read_offline_run(path: Path) -> OfflineRun:
+    """Parse an offline run (its ``offline-run-*`` directory or the ``.wandb`` file inside it)."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = Path(path)
+    file = path if path.is_file() else next(path.glob("run-*.wandb"))
+    run = OfflineRun()
+    for raw in _log_records(file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.run_id, run.name, run.group, run.job_type = r.run_id, r.display_name, r.run_group, r.job_type
+            run.config |= _items(r.config.update)
+        elif kind == "config":
+            run.config |= _items(record.config.update)
+        elif kind == "history":
+            run.history.append(_items(record.history.item))
+        elif kind == "summary":
+            run.summary |= _items(record.summary.update)
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    return run
