@@ -1,0 +1,119 @@
+"""End to end: `python run.py` on the embedded tiny model, as a user runs it (subprocess, offline W&B)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmprune_exp.tracking import read_offline_run
+from tests.conftest import ROOT
+
+# Development hook: run these tests against another checkpoint directory.
+MODEL_OVERRIDE = [f"model.path={os.environ['MMPRUNE_TEST_MODEL']}"] if os.environ.get("MMPRUNE_TEST_MODEL") else []
+
+
+def run_py(tmp: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    args = [
+        sys.executable, "run.py", f"hydra.run.dir={tmp}", f"paths.cache_dir={tmp.parent / 'cache'}",
+        "model.device=cpu", *MODEL_OVERRIDE, *overrides,
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A dense run and a 50% magnitude run sharing one dense-baseline cache."""
+    base = tmp_path_factory.mktemp("e2e")
+    out = {}
+    for name, pruner, sparsity in [("dense", "none", "s50"), ("magnitude", "magnitude", "s50")]:
+        run_py(base / name, f"pruner={pruner}", f"sparsity={sparsity}", "benchmark.limit=24", "logger=wandb")
+        out[name] = base / name
+    return out
+
+
+@pytest.mark.parametrize("name", ["dense", "magnitude"])
+def test_run_writes_results_samples_and_config(runs, name):
+    run_dir = runs[name]
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("score", "dense_score", "recovery", "sparsity", "choices", "time_s", "mem"):
+        assert key in results
+    assert results["choices"]["pruner"] == ("none" if name == "dense" else "magnitude")
+    assert results["n_samples"] == 24
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and results["score"] == pytest.approx(sum(r["score"] for r in rows) / 24)
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "sparsity.json").exists()
+
+
+def test_dense_run_matches_its_baseline_and_pruning_changes_weights(runs):
+    dense = json.loads((runs["dense"] / "results.json").read_text())
+    pruned = json.loads((runs["magnitude"] / "results.json").read_text())
+    assert dense["sparsity"] < 0.01 and dense["recovery"] == pytest.approx(1.0)
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    report = json.loads((runs["magnitude"] / "sparsity.json").read_text())
+    assert all(abs(v - 0.5) < 1e-3 for v in report["per_matrix"].values())
+    assert not any("visual" in k or "lm_head" in k for k in report["per_matrix"])  # language decoder only
+    # the second run read the first run's dense baseline from the cache instead of regenerating it
+    assert pruned["dense_cache"] == dense["dense_cache"]
+    assert pruned["dense_score"] == dense["dense_score"]
+    assert pruned["time_s"]["dense_eval"] < dense["time_s"]["dense_eval"]
+
+
+@pytest.mark.parametrize("name", ["dense", "magnitude"])
+def test_offline_wandb_run_holds_config_and_metrics(runs, name):
+    run_dir = runs[name]
+    results = json.loads((run_dir / "results.json").read_text())
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    run = read_offline_run(offline)
+    assert run.run_id == results["wandb_run_id"] == (run_dir / "wandb_id.txt").read_text()
+    assert run.exit_code == 0
+    assert run.config["pruner"]["name"] == results["choices"]["pruner"]
+    assert run.config["sparsity"]["value"] == 0.5
+    logged = {k: v for step in run.history for k, v in step.items()}
+    assert logged["bench/shapes_vqa/score"] == pytest.approx(results["score"])
+    assert logged["dense/shapes_vqa/score"] == pytest.approx(results["dense_score"])
+    assert logged["sparsity/overall"] == pytest.approx(results["sparsity"])
+    assert "time/eval_s" in logged and "mem/peak_rss_gb" in logged
+    assert run.summary["recovery"] == pytest.approx(results["recovery"])
+    # the per-sample table: one row per evaluated sample, stored in the run's media folder
+    assert logged["samples/shapes_vqa/_type"] == "table-file" and logged["samples/shapes_vqa/nrows"] == 24
+    table = json.loads((offline / "files" / logged["samples/shapes_vqa/path"]).read_text())
+    assert [row[table["columns"].index("id")] for row in table["data"]] == [
+        json.loads(x)["id"] for x in (run_dir / "samples.jsonl").read_text().splitlines()
+    ]
+
+
+def test_grounding_benchmark_end_to_end(tmp_path):
+    run_py(tmp_path / "g", "pruner=none", "benchmark=shapes_grounding", "benchmark.limit=8", "logger=none",
+           "dense_baseline=false")  # fmt: skip
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert {"ap", "ap50", "ap75"} <= set(results["metrics"]) and results["score"] == results["metrics"]["ap50"]
+    assert results["dense_score"] is None and results["recovery"] is None
+
+
+def test_bad_value_fails_before_loading_naming_the_key(tmp_path):
+    # model.path points nowhere: had the run got as far as loading, the error would name model.path instead
+    proc = run_py(tmp_path / "bad", "sparsity.value=1.5", "model.path=/nonexistent/model", check=False)
+    assert proc.returncode != 0
+    assert "sparsity.value=1.5" in proc.stderr and "model.path" not in proc.stderr.replace("'model.path=", "")
+    assert not (tmp_path / "bad" / "wandb").exists()
+
+
+def test_missing_model_path_says_how_to_fix_it(tmp_path):
+    proc = run_py(tmp_path / "nomodel", "model.path=/nonexistent/model", "logger=none", check=False)
+    assert proc.returncode != 0
+    assert "model.path='/nonexistent/model' is not a directory" in proc.stderr
+
+
+def test_unknown_group_option_fails(tmp_path):
+    proc = run_py(tmp_path / "unknown", "pruner=does_not_exist", check=False)
+    assert proc.returncode != 0 and "does_not_exist" in proc.stderr
