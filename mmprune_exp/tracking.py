@@ -13,9 +13,10 @@ import netrc
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmprune_exp.config.schema import LoggerConfig
 
@@ -78,19 +79,19 @@ class WandbTracker(Tracker):
         # A requeued job (SLURM preemption, rerun in the same dir) continues the same W&B run.
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-        init_kwargs = dict(
-            project=cfg.project,
-            entity=cfg.entity,
-            group=cfg.group,
-            job_type=cfg.job_type,
-            name=cfg.run_name,
-            tags=list(cfg.tags),
-            config=config,
-            dir=str(run_dir),
-            id=run_id,
-            resume="allow",
-            reinit="finish_previous",
-        )
+        init_kwargs = {
+            "project": cfg.project,
+            "entity": cfg.entity,
+            "group": cfg.group,
+            "job_type": cfg.job_type,
+            "name": cfg.run_name,
+            "tags": list(cfg.tags),
+            "config": config,
+            "dir": str(run_dir),
+            "id": run_id,
+            "resume": "allow",
+            "reinit": "finish_previous",
+        }
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             try:
                 self.run = wandb.init(mode=attempt, **init_kwargs)

@@ -18,12 +18,13 @@ MODEL_OVERRIDE = [f"model.path={os.environ['MMPRUNE_TEST_MODEL']}"] if os.enviro
 
 
 def run_py(tmp: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    own_model = any(o.startswith(("model=", "model.path=")) for o in overrides)
     env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     args = [
         sys.executable, "run.py", f"hydra.run.dir={tmp}", f"paths.cache_dir={tmp.parent / 'cache'}",
-        "model.device=cpu", *MODEL_OVERRIDE, *overrides,
+        "model.device=cpu", *([] if own_model else MODEL_OVERRIDE), *overrides,
     ]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -117,3 +118,16 @@ def test_missing_model_path_says_how_to_fix_it(tmp_path):
 def test_unknown_group_option_fails(tmp_path):
     proc = run_py(tmp_path / "unknown", "pruner=does_not_exist", check=False)
     assert proc.returncode != 0 and "does_not_exist" in proc.stderr
+
+
+def test_hub_id_without_network_says_how_to_use_local_weights(tmp_path):
+    proc = run_py(tmp_path / "hub", "model=qwen2_5_vl_3b", "logger=none", check=False)
+    assert proc.returncode != 0
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in proc.stderr and "model.path=/data/" in proc.stderr
+
+
+def test_failed_run_is_marked_failed_in_wandb(tmp_path):
+    proc = run_py(tmp_path / "fail", "model.path=/nonexistent/model", "logger=wandb", check=False)
+    assert proc.returncode != 0
+    (offline,) = list((tmp_path / "fail" / "wandb").glob("offline-run-*"))
+    assert read_offline_run(offline).exit_code == 1

@@ -8,8 +8,9 @@ can be re-aggregated (or resumed) from the file alone.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
 from mmprune_exp.models.base import Request

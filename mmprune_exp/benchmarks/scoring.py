@@ -12,7 +12,6 @@ import json
 import re
 from dataclasses import dataclass
 
-
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
     "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,

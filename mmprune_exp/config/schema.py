@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -123,7 +123,7 @@ class CalibrationConfig:
     nsamples: int = 32
     seed: int = 0
     max_length: int = 2048
-    path: Optional[str] = None  # data file for loaders that read one
+    path: str | None = None  # data file for loaders that read one
 
     def __post_init__(self) -> None:
         _require(self.nsamples > 0, "nsamples", f"must be positive, got {self.nsamples}")
@@ -136,10 +136,10 @@ class BenchmarkConfig:
 
     name: str = "shapes_vqa"
     split: str = "eval"
-    limit: Optional[int] = None  # evaluate only the first `limit` records (smoke runs)
+    limit: int | None = None  # evaluate only the first `limit` records (smoke runs)
     batch_size: int = 16
     max_new_tokens: int = 16
-    path: Optional[str] = None  # data root for benchmarks read from files
+    path: str | None = None  # data root for benchmarks read from files
 
     def __post_init__(self) -> None:
         _require(self.limit is None or self.limit > 0, "limit", f"must be positive or null, got {self.limit}")
@@ -153,10 +153,10 @@ class LoggerConfig:
 
     name: str = "none"
     project: str = "mmprune-exp"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     job_type: str = "prune_eval"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     mode: str = "auto"  # auto = online when an API key is configured, else offline
     tags: list[str] = field(default_factory=list)
     log_samples: bool = True

@@ -6,7 +6,7 @@ whether to build calibration batches at all (magnitude pruning does not).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mmprune_exp.config.schema import PrunerConfig, SparsityConfig
 from mmprune_exp.models.base import ModelAdapter, Request
