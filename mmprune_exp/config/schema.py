@@ -95,6 +95,34 @@ class PrunerConfig:
 
 
 @dataclass
+class SparseGPTConfig(PrunerConfig):
+    """SparseGPT knobs (reference defaults)."""
+
+    blocksize: int = 128  # columns per lazy-update block (and per mask-selection block)
+    percdamp: float = 0.01  # damping as a fraction of mean(diag H)
+    max_damp_retries: int = 4  # on a failed Cholesky: retry with 10x damping this many times
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.blocksize > 0, "blocksize", f"must be positive, got {self.blocksize}")
+        _require(self.percdamp > 0, "percdamp", f"must be positive, got {self.percdamp}")
+        _require(self.max_damp_retries >= 0, "max_damp_retries", f"must be >= 0, got {self.max_damp_retries}")
+
+
+@dataclass
+class OWLConfig(PrunerConfig):
+    """OWL knobs: outlier threshold M and the sparsity span 2*lambda (README defaults M=5, lambda=0.08)."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.m > 0, "m", f"must be positive, got {self.m}")
+        _require(0 <= self.lam < 0.5, "lam", f"must be in [0, 0.5), got {self.lam}")
+
+
+@dataclass
 class SparsityConfig:
     """Target sparsity (``sparsity=s50``): the fraction of weights set to zero in each target matrix."""
 
@@ -113,6 +141,9 @@ class SparsityConfig:
         )
         if self.structure == "nm":
             _require(0 < self.n < self.m, "n", f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
+            _require(
+                abs(self.value - self.n / self.m) < 1e-9, "value", f"must equal n/m = {self.n / self.m} for N:M sparsity"
+            )
 
 
 @dataclass
@@ -175,7 +206,7 @@ class PathsConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"qwen2_5_vl": ModelConfig},
-    "pruner": {"base": PrunerConfig},
+    "pruner": {"base": PrunerConfig, "sparsegpt": SparseGPTConfig, "owl": OWLConfig},
     "sparsity": {"base": SparsityConfig},
     "calibration": {"base": CalibrationConfig},
     "benchmark": {"base": BenchmarkConfig},

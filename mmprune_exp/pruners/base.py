@@ -7,9 +7,13 @@ whether to build calibration batches at all (magnitude pruning does not).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mmprune_exp.config.schema import PrunerConfig, SparsityConfig
-from mmprune_exp.models.base import ModelAdapter, Request
+from mmprune_exp.models.base import ModelAdapter
+
+if TYPE_CHECKING:
+    from mmprune_exp.calibration import CalibrationData
 
 
 class Pruner:
@@ -19,7 +23,7 @@ class Pruner:
         self.cfg = cfg
         self.sparsity = sparsity
 
-    def prune(self, adapter: ModelAdapter, calibration: list[Request] | None) -> None:
+    def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
         raise NotImplementedError
 
     def targets(self, adapter: ModelAdapter):
@@ -47,5 +51,5 @@ def build_pruner(cfg: PrunerConfig, sparsity: SparsityConfig) -> Pruner:
 class NoPruner(Pruner):
     """Leaves the weights as they are (a dense sweep point)."""
 
-    def prune(self, adapter: ModelAdapter, calibration: list[Request] | None) -> None:
+    def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmprune_exp.models.base import ModelAdapter, Request
+from mmprune_exp.models.base import ModelAdapter
 from mmprune_exp.pruners.base import Pruner, register_pruner
 from mmprune_exp.pruners.masks import structured_mask
 
@@ -14,7 +14,7 @@ class MagnitudePruner(Pruner):
     needs_calibration = False
 
     @torch.no_grad()
-    def prune(self, adapter: ModelAdapter, calibration: list[Request] | None) -> None:
+    def prune(self, adapter: ModelAdapter, calibration=None) -> None:
         for linear in self.targets(adapter).values():
             weight = linear.weight
             # Scores in fp32 so bf16 ties do not depend on the storage dtype.

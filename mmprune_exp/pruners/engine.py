@@ -1,0 +1,189 @@
+"""The sequential layer engine shared by the calibrated weight pruners (Wanda, SparseGPT, OWL, ...).
+
+1. :func:`collect_layer_inputs` runs the full model (vision tower included) on each calibration sample and
+   stops at decoder layer 0, keeping what that layer receives: hidden states, the M-RoPE position
+   embeddings (the layer does not recompute them), the attention mask and position ids, plus the sample's
+   visual-token mask.
+2. :class:`SequentialEngine` then walks the decoder layers. For each layer it hooks the target linears and
+   pushes every sample through the still-dense layer once (all statistics in one pass, fp32), lets the
+   pruner change the weights, and re-runs the pruned layer to produce the next layer's inputs, so that
+   the error of earlier pruned layers propagates (Wanda ``prune_wanda``, SparseGPT ``llama_sequential``).
+
+Samples go through one at a time (batch size 1, no padding, no KV cache). Captured activations live on
+``offload_device`` (CPU by default) and only the sample being processed is moved to the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmprune_exp.models.base import ModelAdapter, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerInputs:
+    """What one decoder layer receives for one calibration sample (batch of 1)."""
+
+    hidden: torch.Tensor  # [1, seq, hidden]
+    kwargs: dict[str, Any]  # position_embeddings (cos, sin), attention_mask, position_ids, ...
+    visual: torch.Tensor  # [seq] bool, True at image/video placeholder tokens
+
+    def to(self, device: torch.device) -> LayerInputs:
+        return LayerInputs(self.hidden.to(device), _move(self.kwargs, device), self.visual.to(device))
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 hook: nothing after the first decoder layer is needed while capturing."""
+
+
+# Per-call state that must not be replayed: a KV cache would grow across samples.
+_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position")
+
+
+def _truncate(batch: dict[str, Any], max_length: int, visual: torch.Tensor, index: int) -> dict[str, Any]:
+    """Cut trailing text tokens beyond ``max_length``; never cut into the visual tokens."""
+    length = batch["input_ids"].shape[1]
+    if length <= max_length:
+        return batch
+    last_visual = int(visual.nonzero().max()) if visual.any() else -1
+    if last_visual >= max_length:
+        raise ValueError(
+            f"calibration sample {index} has visual tokens up to position {last_visual}, beyond "
+            f"calibration.max_length={max_length}: raise calibration.max_length or lower model.max_pixels"
+        )
+    out = dict(batch)
+    out["input_ids"] = batch["input_ids"][:, :max_length]
+    out["attention_mask"] = batch["attention_mask"][:, :max_length]
+    return out
+
+
+@torch.no_grad()
+def collect_layer_inputs(
+    adapter: ModelAdapter,
+    requests: list[Request],
+    max_length: int,
+    offload_device: torch.device | str = "cpu",
+) -> list[LayerInputs]:
+    """Inputs of decoder layer 0 for every calibration request, in order."""
+    layers = adapter.decoder_layers()
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    out: list[LayerInputs] = []
+    try:
+        for index, request in enumerate(tqdm(requests, desc="calibration inputs", unit="sample")):
+            batch = adapter.encode([request])
+            visual = adapter.modality_mask(batch["input_ids"])[0]
+            batch = _truncate(batch, max_length, visual, index)
+            visual = visual[: batch["input_ids"].shape[1]]
+            try:
+                adapter.model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+            else:  # pragma: no cover - the hook always fires
+                raise RuntimeError("decoder layer 0 was never called")
+            args, kwargs = captured.pop()
+            kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            out.append(
+                LayerInputs(hidden.detach().to(offload_device), _move(kwargs, offload_device), visual.to(offload_device))
+            )
+    finally:
+        handle.remove()
+    return out
+
+
+def forward_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> torch.Tensor:
+    """One decoder layer on one sample; returns hidden states on the device.
+
+    Older transformers return ``(hidden_states,)`` from a decoder layer, newer ones the bare tensor; indexing
+    a bare tensor with ``[0]`` would silently take batch row 0, so check the type.
+    """
+    x = inputs.to(device)
+    out = layer(x.hidden, **x.kwargs, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_targets(adapter: ModelAdapter, targets: dict[str, nn.Linear]) -> dict[int, dict[str, nn.Linear]]:
+    """Group target linears by decoder layer index; every target must sit inside a decoder layer."""
+    grouped: dict[int, dict[str, nn.Linear]] = defaultdict(dict)
+    for name, linear in targets.items():
+        index = adapter.layer_index(name)
+        if index is None or "language_model" not in name:
+            raise ValueError(
+                f"{name} is not a language-decoder linear; calibrated pruners prune the language decoder only "
+                "(pruner.scope=[language]). Use pruner=magnitude to prune the vision tower, merger or lm_head."
+            )
+        grouped[index][name] = linear
+    return dict(grouped)
+
+
+# on_layer(layer_index, {name: linear}, {name: statistic}) -> True when it changed weights
+LayerCallback = Callable[[int, dict[str, nn.Linear], dict[str, Any]], bool]
+
+
+class SequentialEngine:
+    """Walks the decoder layers once: collect statistics -> callback (prune) -> re-forward."""
+
+    def __init__(self, adapter: ModelAdapter, targets: dict[str, nn.Linear]):
+        self.adapter = adapter
+        self.by_layer = layer_targets(adapter, targets)
+        self.device = adapter.device
+
+    @torch.no_grad()
+    def run(
+        self,
+        inputs: list[LayerInputs],
+        make_stat: Callable[[nn.Linear], Any],
+        on_layer: LayerCallback,
+        desc: str = "prune",
+    ) -> list[LayerInputs]:
+        """Returns the inputs of the layer after the last one (the final hidden states)."""
+        layers = self.adapter.decoder_layers()
+        for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
+            linears = self.by_layer.get(index, {})
+            stats = {name: make_stat(linear) for name, linear in linears.items()}
+            handles = [
+                linear.register_forward_hook(lambda mod, args, out, stat=stats[name]: stat.add(args[0]))
+                for name, linear in linears.items()
+            ]
+            try:
+                dense_out = [forward_layer(layer, x, self.device) for x in inputs]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            changed = on_layer(index, linears, stats) if linears else False
+            del stats
+            if changed:  # the pruned layer's outputs feed the next layer
+                dense_out = None
+                outs = [forward_layer(layer, x, self.device) for x in inputs]
+            else:
+                outs = dense_out
+            inputs = [replace(x, hidden=o.to(x.hidden.device)) for x, o in zip(inputs, outs)]
+        return inputs

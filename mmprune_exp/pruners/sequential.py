@@ -1,0 +1,51 @@
+"""Base class of the calibrated weight pruners: capture layer inputs, then prune layer by layer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmprune_exp.calibration import CalibrationData
+from mmprune_exp.config.schema import SparsityConfig
+from mmprune_exp.models.base import ModelAdapter
+from mmprune_exp.pruners.base import Pruner
+from mmprune_exp.pruners.engine import LayerInputs, SequentialEngine, collect_layer_inputs
+
+log = logging.getLogger(__name__)
+
+
+class SequentialPruner(Pruner):
+    """Subclasses set ``make_stat`` (statistic per target linear) and implement ``prune_linear``."""
+
+    needs_calibration = True
+
+    def make_stat(self, linear: nn.Linear) -> Any:
+        raise NotImplementedError
+
+    def prune_linear(self, name: str, linear: nn.Linear, stat: Any, sparsity: SparsityConfig) -> None:
+        raise NotImplementedError
+
+    def plan(self, engine: SequentialEngine, inputs: list[LayerInputs]) -> None:
+        """Hook before the pruning pass (OWL measures per-layer outlier ratios here)."""
+
+    def layer_sparsity(self, index: int) -> SparsityConfig:
+        """Sparsity of decoder layer ``index``; uniform unless a subclass allocates per layer."""
+        return self.sparsity
+
+    def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
+        if calibration is None or not calibration.requests:
+            raise ValueError(f"pruner={self.cfg.name} needs calibration data; set calibration=<set> with nsamples > 0")
+        engine = SequentialEngine(adapter, self.targets(adapter))
+        inputs = collect_layer_inputs(adapter, calibration.requests, calibration.max_length)
+        self.plan(engine, inputs)
+        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}")
+
+    @torch.no_grad()
+    def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, Any]) -> bool:
+        sparsity = self.layer_sparsity(index)
+        for name, linear in linears.items():
+            self.prune_linear(name, linear, stats[name], sparsity)
+        return True
