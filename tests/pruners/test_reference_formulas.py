@@ -1,0 +1,206 @@
+"""Wanda, SparseGPT and OWL against their references' formulas, restated independently on small tensors.
+
+The restatements follow reference/weight_pruners.md (§2 Wanda, §3 SparseGPT, §4 OWL); they are written
+as plainly as possible (explicit loops, explicit inverses) rather than like the implementations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmprune_exp.config.schema import SparsityConfig
+from mmprune_exp.pruners.owl import outlier_ratio, owl_layer_sparsities
+from mmprune_exp.pruners.sparsegpt import sparsegpt_prune
+from mmprune_exp.pruners.stats import Hessian, RowScaler
+from mmprune_exp.pruners.wanda import wanda_mask, wanda_scores
+
+UNSTRUCTURED_50 = SparsityConfig(name="s50", value=0.5)
+NM_24 = SparsityConfig(name="2of4", value=0.5, structure="nm", n=2, m=4)
+
+
+def batches(seed=0, cols=24, lengths=(5, 9, 3, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, n, cols, generator=g) for n in lengths]
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def test_row_scaler_is_sum_of_squares_over_samples():
+    xs = batches()
+    stat = RowScaler(24)
+    for x in xs:
+        stat.add(x)
+    expected = sum((x[0] ** 2).sum(0) for x in xs) / len(xs)  # N counts samples, not tokens
+    assert stat.n == 4
+    assert torch.allclose(stat.scaler, expected, rtol=1e-6)
+
+
+def test_hessian_is_two_over_n_sum_xxt():
+    xs = batches(cols=16)
+    stat = Hessian(16)
+    for x in xs:
+        stat.add(x)
+    expected = 2 / len(xs) * sum(x[0].T @ x[0] for x in xs)
+    assert torch.allclose(stat.H, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- Wanda ----------------------------------------------------------------------------------------
+
+
+def test_wanda_prunes_exactly_int_cs_per_row_by_metric():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 20, generator=g)
+    scaler = torch.rand(20, generator=g)
+    mask = wanda_mask(W, scaler, SparsityConfig(name="s30", value=0.3))
+    assert mask.sum(1).tolist() == [int(20 * 0.3)] * 6
+    metric = W.abs() * scaler.sqrt()
+    for r in range(6):  # pruned entries of a row are its lowest metrics
+        assert metric[r][mask[r]].max() <= metric[r][~mask[r]].min()
+
+
+def test_wanda_ties_prune_earlier_columns_first():
+    W = torch.ones(2, 8)
+    mask = wanda_mask(W, torch.ones(8), UNSTRUCTURED_50)
+    assert mask.tolist() == [[True] * 4 + [False] * 4] * 2
+
+
+def test_wanda_scaler_scale_does_not_change_the_mask():
+    g = torch.Generator().manual_seed(2)
+    W, scaler = torch.randn(4, 16, generator=g), torch.rand(16, generator=g)
+    assert torch.equal(wanda_mask(W, scaler, UNSTRUCTURED_50), wanda_mask(W, scaler * 7.5, UNSTRUCTURED_50))
+
+
+def test_wanda_nm_pattern():
+    g = torch.Generator().manual_seed(3)
+    W, scaler = torch.randn(5, 16, generator=g), torch.rand(16, generator=g)
+    mask = wanda_mask(W, scaler, NM_24)
+    assert (mask.reshape(5, 4, 4).sum(-1) == 2).all()
+    scores = wanda_scores(W, scaler).reshape(5, 4, 4)
+    kept_min = scores.masked_fill(mask.reshape(5, 4, 4), float("inf")).min(-1).values
+    pruned_max = scores.masked_fill(~mask.reshape(5, 4, 4), float("-inf")).max(-1).values
+    assert (pruned_max <= kept_min).all()
+
+
+# -- SparseGPT ------------------------------------------------------------------------------------
+
+
+def sparsegpt_restated(W, H, s, blocksize, percdamp=0.01, n=0, m=0):
+    """Plain restatement: process columns left to right; for column i the OBS step uses the inverse of the
+    Hessian restricted to the columns not yet processed (i..C-1). The mask of each block is chosen when the
+    block starts (unstructured: one threshold over the block, `<=` the value at index int(numel*s))."""
+    W = W.clone().double()
+    H = H.clone().double()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H = H + percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    inv_diag = torch.tensor([torch.linalg.inv(H[i:, i:])[0, 0] for i in range(cols)], dtype=H.dtype)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i in range(cols):
+        if n == 0 and i % blocksize == 0:
+            j = min(i + blocksize, cols)
+            sal = W[:, i:j] ** 2 / inv_diag[i:j]  # OBS saliency w^2 / [H_sub^-1]_00
+            thresh = torch.sort(sal.flatten())[0][int(sal.numel() * s)]
+            mask[:, i:j] = sal <= thresh
+        if n and i % m == 0:
+            sal = W[:, i : i + m] ** 2 / inv_diag[i : i + m]
+            low = torch.sort(sal, dim=1, stable=True).indices[:, :n]
+            mask[:, i : i + m].scatter_(1, low, True)
+        inv = torch.linalg.inv(H[i:, i:])
+        w = W[:, i].clone()
+        q = torch.where(mask[:, i], torch.zeros_like(w), w)
+        W[:, i:] -= ((w - q) / inv[0, 0]).unsqueeze(1) * inv[0].unsqueeze(0)
+        W[:, i] = q
+    return W.float()
+
+
+def layer_problem(seed=0, rows=12, cols=32, tokens=200):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g) * torch.linspace(0.2, 3.0, cols)  # uneven channel scales
+    W = torch.randn(rows, cols, generator=g)
+    stat = Hessian(cols)
+    for chunk in X.split(50):
+        stat.add(chunk.unsqueeze(0))
+    return W, X, stat.H
+
+
+@pytest.mark.parametrize("s,blocksize", [(0.5, 8), (0.3, 32), (0.7, 16)])
+def test_sparsegpt_matches_restatement(s, blocksize):
+    W, _, H = layer_problem()
+    got = sparsegpt_prune(W, H, s, blocksize=blocksize).weight
+    want = sparsegpt_restated(W, H, s, blocksize)
+    assert torch.equal(got == 0, want == 0)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sparsegpt_nm_matches_restatement_and_pattern():
+    W, _, H = layer_problem(seed=1)
+    got = sparsegpt_prune(W, H, 0.5, prunen=2, prunem=4, blocksize=16).weight
+    want = sparsegpt_restated(W, H, 0.5, 16, n=2, m=4)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert ((got == 0).reshape(12, 8, 4).sum(-1) >= 2).all()
+
+
+def test_sparsegpt_block_counts_follow_the_le_threshold_quirk():
+    W, _, H = layer_problem(seed=2)
+    for s in (0.0, 0.5):
+        got = sparsegpt_prune(W, H, s, blocksize=8).weight
+        for b in range(0, 32, 8):
+            zeros = int((got[:, b : b + 8] == 0).sum())
+            assert zeros >= int(12 * 8 * s) + 1  # at s = 0 the reference still prunes one weight per block
+
+
+def test_sparsegpt_reconstructs_better_than_wanda_mask():
+    W, X, H = layer_problem(seed=3, cols=96, tokens=600)
+    pruned = sparsegpt_prune(W, H, 0.5).weight  # reference block size 128 (one block here)
+    scaler = (X**2).sum(0)  # Wanda statistic on the same data (scale-free for the mask)
+    wanda = W.clone()
+    wanda[wanda_mask(W, scaler, UNSTRUCTURED_50)] = 0
+    err_sgpt = ((X @ W.T - X @ pruned.T) ** 2).sum()
+    err_wanda = ((X @ W.T - X @ wanda.T) ** 2).sum()
+    assert err_sgpt < err_wanda
+
+
+def test_sparsegpt_dead_columns_are_zeroed_and_finite():
+    W, _, H = layer_problem(seed=4)
+    H[:, 5] = 0
+    H[5, :] = 0  # input channel 5 never fires
+    got = sparsegpt_prune(W, H, 0.5, blocksize=8).weight
+    assert torch.isfinite(got).all()
+    assert (got[:, 5] == 0).all()
+
+
+def test_sparsegpt_retries_a_failed_cholesky_with_more_damping(caplog):
+    W = torch.randn(4, 8)
+    H = torch.eye(8)
+    H[0, 1] = H[1, 0] = 1.5  # indefinite 2x2 minor (eigenvalue -0.5): damping 0.01 and 0.1 fail, 1.0 works
+    result = sparsegpt_prune(W, H, 0.5, blocksize=8, percdamp=0.01, max_damp_retries=4)
+    assert torch.isfinite(result.weight).all() and result.damping == pytest.approx(1.0)
+    assert sum("Cholesky failed" in r.message for r in caplog.records) == 2
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        sparsegpt_prune(W, -torch.eye(8), 0.5, blocksize=8, max_damp_retries=2)  # no damping can fix it
+
+
+# -- OWL ------------------------------------------------------------------------------------------
+
+
+def test_owl_sparsities_average_s_span_two_lambda_and_spare_outlier_layers():
+    ratios = [1.0, 4.0, 2.5, 0.5, 3.0]
+    out = owl_layer_sparsities(ratios, 0.6, 0.08)
+    assert sum(out) / len(out) == pytest.approx(0.6)
+    assert max(out) - min(out) == pytest.approx(0.16)
+    order = sorted(range(5), key=lambda i: ratios[i])
+    assert [out[i] for i in order] == sorted(out, reverse=True)  # more outliers -> lower sparsity
+
+
+def test_owl_equal_ratios_give_uniform_sparsity():
+    assert owl_layer_sparsities([2.0, 2.0, 2.0], 0.5, 0.08) == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_outlier_ratio_counts_entries_above_m_times_mean():
+    metric = torch.tensor([1.0] * 98 + [100.0, 200.0])
+    # mean = (98 + 300) / 100 = 3.98; M = 5 -> threshold 19.9 -> 2 of 100 entries
+    assert outlier_ratio(metric, 5.0) == pytest.approx(2.0)
