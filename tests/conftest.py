@@ -31,3 +31,31 @@ def compose_cfg():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def random_tiny_dir(tmp_path_factory):
+    """A randomly initialised model with the embedded model's architecture, tokenizer and processor.
+
+    For tests of mechanics (capture/replay, masks, saving) that must not depend on the trained weights.
+    """
+    import torch
+
+    from mmprune_exp.tiny.build import build_config, build_model, build_processor
+
+    out = tmp_path_factory.mktemp("tiny_random")
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(build_config(processor.tokenizer))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def random_tiny(random_tiny_dir):
+    """A fresh adapter over the random model (each test may change its weights)."""
+    from mmprune_exp.config.schema import ModelConfig
+    from mmprune_exp.models import load_adapter
+
+    return load_adapter(ModelConfig(path=str(random_tiny_dir), device="cpu"))

@@ -62,7 +62,9 @@ class Qwen25VLAdapter(ModelAdapter):
             )
         try:
             self.processor = AutoProcessor.from_pretrained(
-                path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, local_files_only=local_only
+                path,
+                size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+                local_files_only=local_only,
             )
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 path,

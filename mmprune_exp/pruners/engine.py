@@ -73,10 +73,11 @@ def _truncate(batch: dict[str, Any], max_length: int, visual: torch.Tensor, inde
             f"calibration sample {index} has visual tokens up to position {last_visual}, beyond "
             f"calibration.max_length={max_length}: raise calibration.max_length or lower model.max_pixels"
         )
-    out = dict(batch)
-    out["input_ids"] = batch["input_ids"][:, :max_length]
-    out["attention_mask"] = batch["attention_mask"][:, :max_length]
-    return out
+    # Every per-token tensor (input_ids, attention_mask, mm_token_type_ids, ...) is [1, length].
+    return {
+        k: v[:, :max_length] if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, length) else v
+        for k, v in batch.items()
+    }
 
 
 @torch.no_grad()
