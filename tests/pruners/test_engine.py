@@ -24,7 +24,7 @@ def test_capture_keeps_layer_inputs_and_visual_masks(random_tiny, requests):
         ids = random_tiny.encode([req])["input_ids"][0]
         assert x.hidden.shape == (1, len(ids), random_tiny.model.config.text_config.hidden_size)
         assert int(x.visual.sum()) == 16  # one 112x112 image = 16 merged visual tokens
-        cos, sin = x.kwargs["position_embeddings"]
+        cos, _sin = x.kwargs["position_embeddings"]
         assert cos.shape[-2] == len(ids)
 
 
@@ -67,7 +67,7 @@ def test_statistics_see_the_outputs_of_earlier_pruned_layers(random_tiny, random
                 w = f"model.language_model.layers.{j}.mlp.up_proj.weight"
                 check.model.get_parameter(w).copy_(pruned[w])
         stat = RowScaler(check.model.get_submodule(name).in_features)
-        handle = check.model.get_submodule(name).register_forward_hook(lambda m, a, o: stat.add(a[0]))
+        handle = check.model.get_submodule(name).register_forward_hook(lambda m, a, o, stat=stat: stat.add(a[0]))
         with torch.no_grad():
             for req in requests:
                 check.model(**check.encode([req]), use_cache=False)
