@@ -106,6 +106,11 @@ def run(cfg: DictConfig) -> float:
         report = sparsity_report(pruner.targets(adapter), adapter)
         (run_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
         log.info("sparsity over %d target matrices: %.4f", len(report.per_matrix), report.overall)
+        if cfg.save_model:
+            with timer("save"):
+                adapter.save(run_dir / "pruned_model")
+                (run_dir / "pruned_model" / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
+            log.info("pruned model saved to %s", run_dir / "pruned_model")
         with timer("eval"):
             result = evaluate(adapter, benchmark, run_dir / "samples.jsonl", desc=f"{cfg.benchmark.name} pruned")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -56,6 +57,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool tensor, True where a token is a visual (image or video) placeholder token."""
+
+    def save(self, path: Path) -> None:
+        """Write a checkpoint plain transformers can load: pruned weights are dense tensors with zeros."""
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
 
     @staticmethod
     def layer_index(module_name: str) -> int | None:
