@@ -90,6 +90,11 @@ def run(cfg: DictConfig) -> float:
     exit_code = 1
     try:
         timer = StageTimer()
+        calibration = None
+        if pruner.needs_calibration:
+            # Read and check the calibration data before the model: a missing image fails in seconds.
+            with timer("calibration_data"):
+                calibration = build_calibration(_obj(cfg.calibration))
         with timer("load"):
             adapter = load_adapter(_obj(cfg.model))
         dense, dense_dir = None, None
@@ -97,10 +102,6 @@ def run(cfg: DictConfig) -> float:
             with timer("dense_eval"):
                 dense, dense_dir = dense_baseline(cfg, adapter, benchmark)
             log.info("dense %s score: %.4f", cfg.benchmark.name, dense.metrics["score"])
-        calibration = None
-        if pruner.needs_calibration:
-            with timer("calibrate"):
-                calibration = build_calibration(_obj(cfg.calibration))
         with timer("prune"):
             pruner.prune(adapter, calibration)
         report = sparsity_report(pruner.targets(adapter), adapter)
@@ -113,6 +114,7 @@ def run(cfg: DictConfig) -> float:
             log.info("pruned model saved to %s", run_dir / "pruned_model")
         with timer("eval"):
             result = evaluate(adapter, benchmark, run_dir / "samples.jsonl", desc=f"{cfg.benchmark.name} pruned")
+        benchmark.write_tables(result.rows, run_dir)  # per-subject/per-subset tables, official-format files
 
         score = result.metrics["score"]
         dense_score = dense.metrics["score"] if dense else None

@@ -162,6 +162,19 @@ class CalibrationConfig:
 
 
 @dataclass
+class LlavaJsonCalibrationConfig(CalibrationConfig):
+    """LLaVA-format conversation JSON (``path``) with images under ``image_folder``."""
+
+    image_folder: str | None = None  # default: the JSON file's folder
+    task: str | None = None  # keep records whose image path starts with this folder (TAMP's task split)
+    mode: str = "conversation"  # conversation (all turns, with answers) | prompt (first user turn only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.mode in ("conversation", "prompt"), "mode", f"got {self.mode!r}; use conversation or prompt")
+
+
+@dataclass
 class BenchmarkConfig:
     """Evaluation task (``benchmark=...``) and its generation settings."""
 
@@ -208,7 +221,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"qwen2_5_vl": ModelConfig},
     "pruner": {"base": PrunerConfig, "sparsegpt": SparseGPTConfig, "owl": OWLConfig},
     "sparsity": {"base": SparsityConfig},
-    "calibration": {"base": CalibrationConfig},
+    "calibration": {"base": CalibrationConfig, "llava_json": LlavaJsonCalibrationConfig},
     "benchmark": {"base": BenchmarkConfig},
     "logger": {"base": LoggerConfig},
     "paths": {"base": PathsConfig},

@@ -23,12 +23,16 @@ class Request:
     """One prompt for the model: a user turn with images/videos placed before the text.
 
     ``answer`` is set for calibration conversations (prompt + answer), and left ``None`` for generation.
+    ``turns`` holds further (user, assistant) exchanges of a multi-turn calibration conversation. ``raw``
+    feeds ``text`` as plain tokens without the chat template (text-only calibration, like Wanda's C4).
     """
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
     videos: list[list[Image.Image]] = field(default_factory=list)
     answer: str | None = None
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    raw: bool = False
 
 
 class ModelAdapter(ABC):

@@ -81,19 +81,24 @@ class Qwen25VLAdapter(ModelAdapter):
         self.visual_token_ids = torch.tensor(
             [hf_config.image_token_id, hf_config.video_token_id], device=self.device
         )
-        self.end_of_turn = "<|im_end|>"
 
     # -- prompts -----------------------------------------------------------------------------------
     def build_prompt(self, request: Request) -> str:
+        if request.raw:
+            return request.text
         content = [{"type": "image"} for _ in request.images]
         content += [{"type": "video"} for _ in request.videos]
         content.append({"type": "text", "text": request.text})
-        prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        messages = [{"role": "user", "content": content}]
         if request.answer is not None:
-            prompt += request.answer + self.end_of_turn
-        return prompt
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": request.answer}]})
+        for user, assistant in request.turns:
+            messages.append({"role": "user", "content": [{"type": "text", "text": user}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+        if len(messages) == 1:  # a prompt: end with the assistant header so the model answers next
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # A conversation: every turn closed, nothing left open.
+        return self.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False).rstrip("\n")
 
     def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         images = [img for r in requests for img in r.images]

@@ -1,4 +1,4 @@
-"""Calibration sets: registered builders that return requests (prompt + answer) for activation statistics."""
+"""Calibration registry and the record handed to pruners."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 from mmprune_exp.config.schema import CalibrationConfig
 from mmprune_exp.models.base import Request
+
+
+class CalibrationError(ValueError):
+    """Bad calibration data; the message names the file and the record index."""
 
 
 @dataclass
@@ -33,19 +37,3 @@ def build_calibration(cfg: CalibrationConfig) -> CalibrationData:
     if cfg.name not in CALIBRATION_SETS:
         raise KeyError(f"calibration.name={cfg.name!r} is not registered; known: {sorted(CALIBRATION_SETS)}")
     return CalibrationData(cfg.name, CALIBRATION_SETS[cfg.name](cfg), cfg.max_length)
-
-
-@register_calibration("shapes")
-def shapes_calibration(cfg: CalibrationConfig) -> list[Request]:
-    """Full conversations from the calibration split (disjoint seeds), VQA and grounding mixed 3:1."""
-    from mmprune_exp.data import scenes
-
-    n_ground = cfg.nsamples // 4
-    n_vqa = cfg.nsamples - n_ground
-    start = cfg.seed * cfg.nsamples  # another seed draws other scenes of the same split
-    vqa = [Request(it.question, images=[it.image], answer=it.answer) for it in scenes.vqa_items("calibration", n_vqa, start)]
-    ground = [
-        Request(it.prompt, images=[it.image], answer=it.answer)
-        for it in scenes.grounding_items("calibration", n_ground, start)
-    ]
-    return vqa + ground
