@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,23 +96,38 @@ def run(cfg: DictConfig) -> float:
             # Read and check the calibration data before the model: a missing image fails in seconds.
             with timer("calibration_data"):
                 calibration = build_calibration(_obj(cfg.calibration))
+        model_cfg = _obj(cfg.model)
+        streamed = model_cfg.offload == "disk"
         with timer("load"):
-            adapter = load_adapter(_obj(cfg.model))
+            adapter = load_adapter(model_cfg)
         dense, dense_dir = None, None
         if cfg.dense_baseline:
             with timer("dense_eval"):
-                dense, dense_dir = dense_baseline(cfg, adapter, benchmark)
+                # A disk-offloaded model cannot generate; the baseline loads the whole checkpoint once.
+                dense_adapter = load_adapter(replace(model_cfg, offload="none")) if streamed else adapter
+                dense, dense_dir = dense_baseline(cfg, dense_adapter, benchmark)
+                del dense_adapter
             log.info("dense %s score: %.4f", cfg.benchmark.name, dense.metrics["score"])
+        pruned_dir = run_dir / "pruned_model"
+        if streamed:  # pruned layers are written to pruned_dir as they finish
+            adapter.layer_streamer.begin_output(pruned_dir)
         with timer("prune"):
             pruner.prune(adapter, calibration)
+        if streamed:
+            with timer("save"):
+                adapter.layer_streamer.finalize()
+            del adapter  # evaluate the pruned checkpoint just written
+            with timer("load"):
+                adapter = load_adapter(replace(model_cfg, path=str(pruned_dir), offload="none"))
         report = sparsity_report(pruner.targets(adapter), adapter)
         (run_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
         log.info("sparsity over %d target matrices: %.4f", len(report.per_matrix), report.overall)
-        if cfg.save_model:
+        if cfg.save_model or streamed:
             with timer("save"):
-                adapter.save(run_dir / "pruned_model")
-                (run_dir / "pruned_model" / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
-            log.info("pruned model saved to %s", run_dir / "pruned_model")
+                if not streamed:
+                    adapter.save(pruned_dir)
+                (pruned_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
+            log.info("pruned model saved to %s", pruned_dir)
         with timer("eval"):
             result = evaluate(adapter, benchmark, run_dir / "samples.jsonl", desc=f"{cfg.benchmark.name} pruned")
         benchmark.write_tables(result.rows, run_dir)  # per-subject/per-subset tables, official-format files

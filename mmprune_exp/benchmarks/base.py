@@ -10,10 +10,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
 from mmprune_exp.models.base import Request
+
+
+class BenchmarkDataError(FileNotFoundError):
+    """A benchmark's data files are missing or unreadable; the message names ``benchmark.path``."""
 
 
 @dataclass
@@ -46,6 +51,10 @@ class Benchmark(ABC):
 
     def records(self) -> list[Record]:
         return self.load_records(self.cfg.limit)
+
+    def write_tables(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Write the benchmark's own result files (e.g. per-subject tables) into ``out_dir``; default: none."""
+        return []
 
 
 BENCHMARKS: dict[str, Callable[[BenchmarkConfig], Benchmark]] = {}

@@ -55,6 +55,8 @@ class ModelConfig:
     min_pixels: int = 3136
     max_pixels: int = 12544
     local_files_only: bool = False  # True: never contact the hub, even where the network works
+    # disk: keep decoder layers on disk and stream one at a time while pruning (models larger than memory)
+    offload: str = "none"
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; choose one of {DTYPES}")
@@ -69,6 +71,7 @@ class ModelConfig:
             f"got {self.attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}",
         )
         _require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        _require(self.offload in ("none", "disk"), "offload", f"got {self.offload!r}; use none or disk")
         _require(
             self.max_pixels >= self.min_pixels,
             "max_pixels",

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmprune_exp.config.schema import ModelConfig
 from mmprune_exp.models.base import ModelAdapter, ModelLoadError, Request, register_adapter, resolve_device
+from mmprune_exp.models.offload import LayerStreamer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,14 @@ def _offline_hint(path: str) -> str:
         "Download the weights where there is network (e.g. `huggingface-cli download "
         f"{path} --local-dir /data/{Path(path).name}`) and pass model.path=/data/{Path(path).name}."
     )
+
+
+def _checkpoint_names(name: str) -> list[str]:
+    """Names a parameter may have in a checkpoint: transformers 5 keeps Qwen's original layout on disk."""
+    for new, old in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if name.startswith(new):
+            return [old + name[len(new) :], name]
+    return [name]
 
 
 @register_adapter("qwen2_5_vl")
@@ -60,27 +69,65 @@ class Qwen25VLAdapter(ModelAdapter):
             raise ModelLoadError(
                 f"model.path={cfg.path!r} holds a {hf_config.model_type!r} checkpoint, but model.family=qwen2_5_vl"
             )
+        self.layer_streamer = None
         try:
             self.processor = AutoProcessor.from_pretrained(
                 path,
                 size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
                 local_files_only=local_only,
             )
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path,
-                dtype=DTYPES[cfg.dtype],
-                attn_implementation=cfg.attn_implementation,
-                local_files_only=local_only,
-            )
+            if cfg.offload == "disk":
+                self.model = self._load_streamed(path, hf_config, local_only)
+            else:
+                self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    path,
+                    dtype=DTYPES[cfg.dtype],
+                    attn_implementation=cfg.attn_implementation,
+                    local_files_only=local_only,
+                ).to(self.device)
         except OSError as err:
             raise ModelLoadError(_offline_hint(path) if not _looks_local(path) else str(err)) from err
-        self.model.to(self.device).eval()
+        self.model.eval()
         # Batched greedy generation needs the prompts aligned at the right edge.
         self.processor.tokenizer.padding_side = "left"
         self.tokenizer = self.processor.tokenizer
         self.visual_token_ids = torch.tensor(
             [hf_config.image_token_id, hf_config.video_token_id], device=self.device
         )
+
+    def _load_streamed(self, path: str, hf_config, local_only: bool):
+        """Build the model with decoder layers on ``meta`` and everything else loaded (``model.offload=disk``)."""
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, local_files_only=local_only, allow_patterns=["*.json", "*.safetensors"])
+        dtype = DTYPES[self.cfg.dtype]
+        dtype = hf_config.get_text_config().dtype if dtype == "auto" else dtype
+        hf_config._attn_implementation = self.cfg.attn_implementation
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, dtype=dtype)
+        # Rotary tables are non-persistent buffers (not in the checkpoint): rebuild them for real.
+        text, vision = model.model.language_model, model.model.visual
+        text.rotary_emb = type(text.rotary_emb)(config=text.config).to(self.device)
+        vision.rotary_pos_emb = type(vision.rotary_pos_emb)(vision.config).to(self.device)
+        self.layer_streamer = LayerStreamer(model, "model.language_model.layers", Path(path), _checkpoint_names, dtype)
+        self.layer_streamer.load_non_layer_weights(self.device)
+        if model.config.get_text_config().tie_word_embeddings:
+            model.lm_head.weight = text.embed_tokens.weight
+        missing = [
+            n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta and not n.startswith("model.language_model.layers.")
+        ]  # fmt: skip
+        if missing:
+            raise ModelLoadError(f"model.offload=disk: {len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
+        return model
+
+    def save(self, path: Path) -> None:
+        if self.layer_streamer is not None:
+            raise RuntimeError("a disk-offloaded model is written by its LayerStreamer (pruned_model/), not save()")
+        super().save(path)
 
     # -- prompts -----------------------------------------------------------------------------------
     def build_prompt(self, request: Request) -> str:

@@ -167,7 +167,10 @@ class SequentialEngine:
     ) -> list[LayerInputs]:
         """Returns the inputs of the layer after the last one (the final hidden states)."""
         layers = self.adapter.decoder_layers()
+        streamer = getattr(self.adapter, "layer_streamer", None)  # model.offload=disk
         for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
+            if streamer is not None:
+                streamer.onload(index, self.device)
             linears = self.by_layer.get(index, {})
             stats = {name: make_stat(linear) for name, linear in linears.items()}
             handles = [
@@ -187,4 +190,6 @@ class SequentialEngine:
             else:
                 outs = dense_out
             inputs = [replace(x, hidden=o.to(x.hidden.device)) for x, o in zip(inputs, outs)]
+            if streamer is not None:  # write the pruned layer out and free it before the next one
+                streamer.offload(index, write=changed)
         return inputs
