@@ -67,6 +67,13 @@ class ModelAdapter(ABC):
         self.model.save_pretrained(path, safe_serialization=True)
         self.processor.save_pretrained(path)
 
+    def input_groups(self, names: list[str]) -> list[list[str]]:
+        """Partition linear names into groups that always receive the same input tensor.
+
+        Default: no sharing (each linear alone). Adapters that know their layers override this.
+        """
+        return [[n] for n in names]
+
     @staticmethod
     def layer_index(module_name: str) -> int | None:
         """Decoder layer index of a module name like ``...layers.3.mlp.up_proj`` (None outside layers)."""

@@ -204,5 +204,18 @@ class Qwen25VLAdapter(ModelAdapter):
             raise ModelLoadError(f"no linear layers match pruner.scope={scope} and pruner.modules={modules}")
         return found
 
+    # In a Qwen2.5-VL decoder layer q/k/v all read input_layernorm's output and gate/up read
+    # post_attention_layernorm's output.
+    _SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+    def input_groups(self, names: list[str]) -> list[list[str]]:
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            shared = next((i for i, members in enumerate(self._SHARED_INPUTS) if leaf in members), None)
+            key = (parent, shared) if shared is not None and "language_model" in name else (name,)
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
+
     def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))

@@ -172,11 +172,15 @@ class SequentialEngine:
             if streamer is not None:
                 streamer.onload(index, self.device)
             linears = self.by_layer.get(index, {})
-            stats = {name: make_stat(linear) for name, linear in linears.items()}
-            handles = [
-                linear.register_forward_hook(lambda mod, args, out, stat=stats[name]: stat.add(args[0]))
-                for name, linear in linears.items()
-            ]
+            # Linears fed the same tensor (q/k/v; gate/up) share one statistic: accumulated once, and a
+            # pruner may cache work derived from it (SparseGPT's inverse Hessian factor).
+            stats: dict[str, Any] = {}
+            handles = []
+            for group in self.adapter.input_groups(list(linears)):
+                stat = make_stat(linears[group[0]])
+                stats.update(dict.fromkeys(group, stat))
+                hook = linears[group[0]].register_forward_hook(lambda mod, args, out, stat=stat: stat.add(args[0]))
+                handles.append(hook)
             try:
                 dense_out = [forward_layer(layer, x, self.device) for x in inputs]
             finally:

@@ -2,7 +2,8 @@
 
 Reproduces the reference ``fasterprune`` (see reference/weight_pruners.md §3):
 - dead input columns (zero Hessian diagonal) get ``H[d, d] = 1`` and their weights are zeroed;
-- damping ``percdamp * mean(diag H)`` on the diagonal, then ``Hinv`` = upper Cholesky factor of ``H^-1``;
+- damping ``percdamp * mean(diag H)`` on the diagonal, then ``Hinv`` = upper Cholesky factor of ``H^-1``
+  (computed by a cheaper, mathematically identical route, see :func:`upper_cholesky_of_inverse`);
 - per block of ``blocksize`` columns, one threshold over the whole ``rows x block`` slice of
   ``w^2 / diag(Hinv)^2`` with ``<=`` ("adaptive mask selection"), so rows may differ in sparsity. Known quirk
   kept on purpose: the threshold is the value at index ``int(numel * s)``, so every block prunes at least one
@@ -39,15 +40,40 @@ class SparseGPTResult:
     damping: float  # damping finally added to the diagonal
 
 
+def _lower_triangular_inverse(M: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion (about n^3/3 flops, in matmuls)."""
+    n = M.shape[0]
+    if n <= block:
+        return torch.linalg.solve_triangular(M, torch.eye(n, dtype=M.dtype, device=M.device), upper=False)
+    h = n // 2
+    A_inv = _lower_triangular_inverse(M[:h, :h], block)
+    D_inv = _lower_triangular_inverse(M[h:, h:], block)
+    out = torch.zeros_like(M)
+    out[:h, :h] = A_inv
+    out[h:, h:] = D_inv
+    out[h:, :h] = -D_inv @ (M[h:, :h] @ A_inv)
+    return out
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (U^T U = H^-1), the factor SparseGPT's updates read row by row.
+
+    The reference takes cholesky(H) -> cholesky_inverse -> cholesky(upper). The same U comes cheaper from
+    one Cholesky of the index-reversed matrix: if J H J = M M^T (J reverses indices, M lower), then
+    H = R R^T with R = J M J upper, so H^-1 = U^T U with U = R^-1 = J M^-1 J, upper with a positive
+    diagonal, hence the (unique) upper Cholesky factor. About 2n^3/3 flops instead of 5n^3/3.
+    """
+    M = torch.linalg.cholesky(torch.flip(H, (0, 1)))
+    return torch.flip(_lower_triangular_inverse(M), (0, 1))
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 4, name: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp I)^-1``; retries with 10x damping if ``H`` is not positive definite."""
     damp = percdamp * torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_retries + 1):
         try:
-            L = torch.linalg.cholesky(H + damp * eye)
-            inv = torch.cholesky_inverse(L)
-            U = torch.linalg.cholesky(inv, upper=True)
+            U = upper_cholesky_of_inverse(H + damp * eye)
             if torch.isfinite(U).all():
                 return U, damp
             raise torch.linalg.LinAlgError("non-finite inverse factor")
@@ -62,10 +88,27 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 
     raise AssertionError("unreachable")
 
 
+@dataclass
+class PreparedHessian:
+    """What the OBS updates need from a Hessian; shared by linears that see the same input."""
+
+    Hinv: torch.Tensor  # upper Cholesky factor of (H + damp I)^-1, dead columns set to identity first
+    dead: torch.Tensor  # bool [cols]: inputs that were always zero
+    damping: float
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, max_damp_retries: int = 4, name: str = "") -> PreparedHessian:
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Hinv, damp = inverse_hessian_factor(H, percdamp, max_damp_retries, name)
+    return PreparedHessian(Hinv, dead, damp)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | PreparedHessian,
     sparsity: float,
     prunen: int = 0,
     prunem: int = 0,
@@ -74,15 +117,13 @@ def sparsegpt_prune(
     max_damp_retries: int = 4,
     name: str = "",
 ) -> SparseGPTResult:
-    """Prune ``weight`` (``[rows, cols]``) given its input Hessian ``H`` (``[cols, cols]``, fp32)."""
+    """Prune ``weight`` (``[rows, cols]``) given its input Hessian ``H`` (``[cols, cols]``, fp32) or a
+    :class:`PreparedHessian` computed from it once for several linears with the same input."""
+    prepared = H if isinstance(H, PreparedHessian) else prepare_hessian(H, percdamp, max_damp_retries, name)
+    Hinv, damp = prepared.Hinv, prepared.damping
     W = weight.detach().clone().float()
-    H = H.clone()
+    W[:, prepared.dead] = 0
     rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    Hinv, damp = inverse_hessian_factor(H, percdamp, max_damp_retries, name)
-    del H
 
     losses = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, blocksize):
@@ -129,16 +170,17 @@ class SparseGPTPruner(SequentialPruner):
         return Hessian(linear.in_features, linear.weight.device)
 
     def prune_linear(self, name: str, linear: nn.Linear, stat: Hessian, sparsity: SparsityConfig) -> None:
+        if getattr(stat, "prepared", None) is None:  # once per group of linears sharing this input
+            stat.prepared = prepare_hessian(stat.H, self.cfg.percdamp, self.cfg.max_damp_retries, name)
+            stat.H = None  # the factor replaces it; free the memory
         nm = sparsity.structure == "nm"
         result = sparsegpt_prune(
             linear.weight,
-            stat.H,
+            stat.prepared,
             sparsity.value,
             prunen=sparsity.n if nm else 0,
             prunem=sparsity.m if nm else 0,
             blocksize=self.cfg.blocksize,
-            percdamp=self.cfg.percdamp,
-            max_damp_retries=self.cfg.max_damp_retries,
             name=name,
         )
         linear.weight.copy_(result.weight.to(linear.weight.dtype))

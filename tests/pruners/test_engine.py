@@ -102,3 +102,21 @@ def test_calibrated_pruners_refuse_the_vision_tower(random_tiny, requests):
     pruner = build_pruner(PrunerConfig(name="wanda", scope=["vision"]), SparsityConfig())
     with pytest.raises(ValueError, match="language-decoder"):
         pruner.prune(random_tiny, CalibrationData("shapes", requests, 512))
+
+
+def test_linears_reading_the_same_input_share_one_statistic(random_tiny, requests):
+    targets = random_tiny.target_linears(["language"], PrunerConfig().modules)
+    seen = {}
+
+    def record(index, linears, stats):
+        seen[index] = stats
+        return False
+
+    inputs = collect_layer_inputs(random_tiny, requests[:2], 512)
+    SequentialEngine(random_tiny, targets).run(inputs, lambda lin: RowScaler(lin.in_features), record)
+    stats = seen[0]
+    p = "model.language_model.layers.0."
+    assert stats[p + "self_attn.q_proj"] is stats[p + "self_attn.k_proj"] is stats[p + "self_attn.v_proj"]
+    assert stats[p + "mlp.gate_proj"] is stats[p + "mlp.up_proj"]
+    assert stats[p + "self_attn.o_proj"] is not stats[p + "self_attn.q_proj"]
+    assert len({id(s) for s in stats.values()}) == 4 and stats[p + "mlp.down_proj"].n == 2

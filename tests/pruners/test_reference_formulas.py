@@ -204,3 +204,12 @@ def test_outlier_ratio_counts_entries_above_m_times_mean():
     metric = torch.tensor([1.0] * 98 + [100.0, 200.0])
     # mean = (98 + 300) / 100 = 3.98; M = 5 -> threshold 19.9 -> 2 of 100 entries
     assert outlier_ratio(metric, 5.0) == pytest.approx(2.0)
+
+
+def test_inverse_factor_equals_the_reference_route():
+    from mmprune_exp.pruners.sparsegpt import upper_cholesky_of_inverse
+
+    _, _, H = layer_problem(seed=5, cols=1200, tokens=1500)  # > one recursion block
+    H = H.double() + 0.01 * torch.diag(H.double()).mean() * torch.eye(1200, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    assert torch.allclose(upper_cholesky_of_inverse(H), reference, rtol=1e-8, atol=1e-10)

@@ -1,0 +1,146 @@
+"""Cost of the calibrated pruners on Qwen2.5-VL-3B-shaped decoder layers: seconds per layer and peak memory.
+
+A random-weight Qwen2.5-VL with the 3B model's decoder-layer shapes (hidden 2048, intermediate 11008, 16
+heads, 2 KV heads; tiny vocabulary and vision tower, which are not what is measured) is saved to disk with
+2 and 8 decoder layers. Each measurement runs in its own process (peak RSS is a per-process high-water
+mark) with 2 threads, on 16 calibration samples of 512 tokens:
+
+- ``plain``: one forward pass of every sample through every layer, the floor any layer-wise method pays;
+- ``wanda``, ``sparsegpt``: the sequential engine (statistics pass, prune, re-forward), 50% unstructured;
+- ``*_disk``: the same with ``model.offload=disk`` (layers streamed from the shards, written back pruned).
+
+Seconds count the layer loop only (capturing layer-0 inputs is the same for every method and reported
+apart). Run: ``python bench/prune_cost.py [--layers 2 8] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"hidden": 2048, "intermediate": 11008, "heads": 16, "kv_heads": 2, "mrope_section": (16, 24, 24)}
+METHODS = ("plain", "wanda", "sparsegpt", "plain_disk", "wanda_disk")
+
+
+def build_checkpoint(out: Path, layers: int, seed: int = 0) -> None:
+    import torch
+
+    from mmprune_exp.tiny.build import TinyArch, build_config, build_model, build_processor
+
+    torch.manual_seed(seed)
+    processor = build_processor()
+    arch = TinyArch(
+        text_hidden=SHAPES["hidden"],
+        text_intermediate=SHAPES["intermediate"],
+        text_layers=layers,
+        text_heads=SHAPES["heads"],
+        text_kv_heads=SHAPES["kv_heads"],
+        mrope_section=list(SHAPES["mrope_section"]),
+    )
+    model = build_model(build_config(processor.tokenizer, arch))
+    model.save_pretrained(out, max_shard_size="1GB")
+    processor.save_pretrained(out)
+
+
+def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(2)
+    from mmprune_exp.config.schema import ModelConfig, PrunerConfig, SparseGPTConfig, SparsityConfig
+    from mmprune_exp.models import load_adapter
+    from mmprune_exp.models.base import Request
+    from mmprune_exp.pruners import build_pruner
+    from mmprune_exp.pruners.engine import SequentialEngine, collect_layer_inputs
+    from mmprune_exp.pruners.stats import RowScaler
+
+    base, _, offload = method.partition("_")
+    adapter = load_adapter(ModelConfig(path=model_dir, device="cpu", offload="disk" if offload else "none"))
+    out_dir = Path(tempfile.mkdtemp(prefix="prune_cost_"))
+    if adapter.layer_streamer is not None:
+        adapter.layer_streamer.begin_output(out_dir)
+    # The tiny character tokenizer: `tokens` characters -> `tokens` ids (raw text, no chat template).
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    g = torch.Generator().manual_seed(1)
+    requests = [
+        Request("".join(letters[i] for i in torch.randint(0, 27, (tokens + 64,), generator=g).tolist()), raw=True)
+        for _ in range(samples)
+    ]
+    start = time.perf_counter()
+    inputs = collect_layer_inputs(adapter, requests, max_length=tokens)
+    capture_s = time.perf_counter() - start
+    n_layers = len(adapter.decoder_layers())
+    start = time.perf_counter()
+    if base == "plain":
+        SequentialEngine(adapter, {}).run(inputs, RowScaler, lambda *a: False, desc="plain")
+    else:
+        cfg = SparseGPTConfig(name="sparsegpt") if base == "sparsegpt" else PrunerConfig(name=base)
+        pruner = build_pruner(cfg, SparsityConfig(name="s50", value=0.5))
+        engine = SequentialEngine(adapter, pruner.targets(adapter))
+        engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base)
+    loop_s = time.perf_counter() - start
+    return {
+        "method": method,
+        "layers": n_layers,
+        "seconds_per_layer": loop_s / n_layers,
+        "capture_s": capture_s,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--workdir", type=Path, help="where the random checkpoints go (default: a temp dir)")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.samples, args.tokens)))
+        return
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prune_cost_models_"))
+    rows = []
+    env = os.environ | {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
+    for layers in args.layers:
+        model_dir = workdir / f"qwen2_5_vl_3b_shapes_{layers}l"
+        if not (model_dir / "config.json").exists():
+            print(f"building a random {layers}-layer checkpoint in {model_dir} ...", file=sys.stderr)
+            build_checkpoint(model_dir, layers)
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--worker", str(model_dir), method,
+                   "--samples", str(args.samples), "--tokens", str(args.tokens)]  # fmt: skip
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {method:<11} {layers} layers: {row['seconds_per_layer']:7.1f} s/layer  "
+                  f"peak RSS {row['peak_rss_gb']:5.2f} GB", file=sys.stderr)  # fmt: skip
+
+    by = {(r["method"], r["layers"]): r for r in rows}
+    print(f"\n{'method':<11} {'layers':>6} {'s/layer':>8} {'x plain':>8} {'peak RSS GB':>12} {'RSS / 2-layer':>14}")
+    for r in rows:
+        floor = by.get(("plain_disk" if r["method"].endswith("_disk") else "plain", r["layers"]))
+        ratio = r["seconds_per_layer"] / floor["seconds_per_layer"] if floor else float("nan")
+        small = by.get((r["method"], min(args.layers)))
+        rss_ratio = r["peak_rss_gb"] / small["peak_rss_gb"] if small else float("nan")
+        r["x_plain"], r["rss_vs_smallest"] = ratio, rss_ratio
+        print(f"{r['method']:<11} {r['layers']:>6} {r['seconds_per_layer']:>8.1f} {ratio:>8.2f} "
+              f"{r['peak_rss_gb']:>12.2f} {rss_ratio:>14.2f}")  # fmt: skip
+    print("\ntargets: sparsegpt <= 60 s/layer; wanda <= 2.2x plain; wanda_disk RSS at 8 layers <= 1.2x at 2 layers")
+    if args.json:
+        args.json.write_text(json.dumps({"shapes": SHAPES, "samples": args.samples, "tokens": args.tokens, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
