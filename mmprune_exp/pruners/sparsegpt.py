@@ -121,15 +121,17 @@ def sparsegpt_prune(
     :class:`PreparedHessian` computed from it once for several linears with the same input."""
     prepared = H if isinstance(H, PreparedHessian) else prepare_hessian(H, percdamp, max_damp_retries, name)
     Hinv, damp = prepared.Hinv, prepared.damping
-    W = weight.detach().clone().float()
-    W[:, prepared.dead] = 0
-    rows, cols = W.shape
+    # Work on W^T ([cols, rows], contiguous): every per-column step of the reference then touches
+    # contiguous rows, and the rank-1 update is a BLAS ger (addr_) instead of a k=1 matmul.
+    WT = weight.detach().float().T.contiguous()
+    WT[prepared.dead] = 0
+    cols, rows = WT.shape
 
-    losses = torch.zeros(rows, device=W.device)
+    losses = torch.zeros(rows, device=WT.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()  # [count, rows]
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
@@ -137,30 +139,31 @@ def sparsegpt_prune(
         d1 = torch.diag(Hinv1)
 
         if prunen == 0:
-            tmp = W1.pow(2) / d1.reshape(1, -1).pow(2)
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            tmp = W1.pow(2) / d1.reshape(-1, 1).pow(2)
+            # The reference's sort(...)[k]; kthvalue gives the same value without a full sort.
+            thresh = torch.kthvalue(tmp.flatten(), int(tmp.numel() * sparsity) + 1).values
             mask1 = tmp <= thresh
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
         for i in range(count):
-            w = W1[:, i]
+            w = W1[i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i : i + prunem].pow(2) / d1[i : i + prunem].reshape(1, -1).pow(2)
-                lowest = torch.sort(tmp, dim=1, stable=True).indices[:, :prunen]
-                mask1.scatter_(1, i + lowest, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q).pow(2) / d.pow(2)
+                tmp = W1[i : i + prunem].pow(2) / d1[i : i + prunem].reshape(-1, 1).pow(2)
+                lowest = torch.sort(tmp, dim=0, stable=True).indices[:prunen]
+                mask1.scatter_(0, i + lowest, True)
+            q = w.masked_fill(mask1[i], 0)
+            Q1[i] = q
+            Losses1[i] = (w - q).pow(2) / d.pow(2)
             err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+            Err1[i] = err1
 
-        W[:, i1:i2] = Q1
-        losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        WT[i1:i2] = Q1
+        losses += torch.sum(Losses1, 0) / 2
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    W = WT.T
     return SparseGPTResult(W, float(losses.sum()), damp)
 
 
