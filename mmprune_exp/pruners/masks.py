@@ -11,13 +11,18 @@ import torch
 
 
 def _lowest(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """Bool mask of the ``k`` lowest entries along ``dim`` (stable: earlier index pruned first on ties)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    """Bool mask of the ``k`` lowest entries along ``dim``, ties going to the earlier index.
+
+    Exactly the first ``k`` positions of a stable ascending sort, found in linear time: everything strictly
+    below the k-th value, then the earliest entries equal to it until ``k`` are taken.
+    """
     if k <= 0:
-        return mask
-    order = torch.sort(scores, dim=dim, stable=True).indices
-    idx = order.narrow(dim, 0, k)
-    return mask.scatter_(dim, idx, True)
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
+    below = scores < kth
+    needed = k - below.sum(dim=dim, keepdim=True)
+    ties = scores == kth
+    return below | (ties & (torch.cumsum(ties, dim=dim) <= needed))
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -39,3 +39,15 @@ def test_nm_mask_groups():
     assert (mask.reshape(4, 4, 4).sum(-1) == 2).all()
     cfg = SparsityConfig(name="2of4", value=0.5, structure="nm", n=2, m=4)
     assert torch.equal(structured_mask(scores, cfg, per_row=False), mask)
+
+
+def test_masks_equal_a_stable_sort_under_heavy_ties():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (50, 64), generator=g).float()  # bf16-like: many equal values
+    for k in (1, 20, 63):
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        assert torch.equal(row_mask(scores, k / 64 + 1e-9), expected)
+    flat = torch.sort(scores.flatten(), stable=True).indices[:1000]
+    expected = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, flat, True).reshape(scores.shape)
+    assert torch.equal(matrix_mask(scores, 1000 / scores.numel() + 1e-9), expected)
