@@ -169,6 +169,15 @@ def sparsegpt_prune(
 
 @register_pruner("sparsegpt")
 class SparseGPTPruner(SequentialPruner):
+    def prune(self, adapter, calibration) -> None:
+        # The reference turns TF32 off: the OBS updates are sensitive to matmul precision on Ampere+.
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            super().prune(adapter, calibration)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
     def make_stat(self, linear: nn.Linear) -> Hessian:
         return Hessian(linear.in_features, linear.weight.device)
 
