@@ -18,6 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "latex2sympy2==1.9.1"  # see setup.cfg: its antlr pin clashes with hydra's
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv with torch, the package and the dev tools

@@ -194,6 +194,89 @@ class BenchmarkConfig:
         _require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
 
 
+MATHV_SPLITS = ("test", "testmini")
+MATHV_PROMPTS = ("cot", "direct", "lmms_eval")
+
+
+@dataclass
+class MathVConfig(BenchmarkConfig):
+    """MATH-Vision (``benchmark=mathv`` / ``mathv_mini``); ``path`` = a MATH-V checkout or HF dataset copy."""
+
+    name: str = "mathv"
+    split: str = "test"  # test (3,040 problems) | testmini (304)
+    prompt: str = "cot"  # cot: official boxed-answer prompt | direct: official short answer | lmms_eval
+    compare_timeout_s: float = 10.0  # time limit per answer comparison (latex2sympy + eval)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.split in MATHV_SPLITS, "split", f"got {self.split!r}; choose one of {MATHV_SPLITS}")
+        _require(self.prompt in MATHV_PROMPTS, "prompt", f"got {self.prompt!r}; choose one of {MATHV_PROMPTS}")
+        _require(self.compare_timeout_s > 0, "compare_timeout_s", f"must be positive, got {self.compare_timeout_s}")
+
+
+OVDEVAL_SUBSETS = ("material", "color", "position", "relationship", "negation", "celebrity", "logo", "landmark", "coco")
+OVDEVAL_TIE_ORDERS = ("numpy", "stable", "first")
+
+
+@dataclass
+class OVDEvalCommonConfig(BenchmarkConfig):
+    """Settings shared by ``benchmark=ovdeval`` (one subset) and ``benchmark=ovdeval_all``."""
+
+    name: str = "ovdeval"
+    split: str = "test"
+    # Qwen2.5-VL answers in pixels of the processor's resized frame; rescale them to the original image
+    # with the same smart_resize settings the model's processor uses.
+    rescale: bool = True
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    resize_factor: int = 28  # patch_size * merge_size
+    iou_threshold: float = 0.5  # GT-anchored suppression: IoU strictly above this
+    # Order among equal scores in the suppression: numpy = the official np.argsort(...)[::-1] (faithful,
+    # machine-dependent for mixed ties), stable = the same with a stable sort (last listed wins),
+    # first = the first listed wins.
+    tie_order: str = "numpy"
+    # pycocotools never matches a ground truth whose annotation id is 0; true renumbers ids from 1.
+    fix_ann_id_zero: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        _require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels, got {self.max_pixels}")
+        _require(self.resize_factor > 0, "resize_factor", f"must be positive, got {self.resize_factor}")
+        _require(0.0 <= self.iou_threshold < 1.0, "iou_threshold", f"must be in [0, 1), got {self.iou_threshold}")
+        _require(
+            self.tie_order in OVDEVAL_TIE_ORDERS,
+            "tie_order",
+            f"got {self.tie_order!r}; choose one of {OVDEVAL_TIE_ORDERS}",
+        )
+
+
+@dataclass
+class OVDEvalConfig(OVDEvalCommonConfig):
+    """OVDEval, one subset (``benchmark=ovdeval benchmark.subset=color``)."""
+
+    subset: str = "material"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.subset in OVDEVAL_SUBSETS, "subset", f"got {self.subset!r}; choose one of {OVDEVAL_SUBSETS}")
+
+
+@dataclass
+class OVDEvalAllConfig(OVDEvalCommonConfig):
+    """OVDEval over several subsets (``benchmark=ovdeval_all``), with the aspect averages."""
+
+    name: str = "ovdeval_all"
+    subsets: list[str] = field(default_factory=lambda: list(OVDEVAL_SUBSETS))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [s for s in self.subsets if s not in OVDEVAL_SUBSETS]
+        _require(not bad, "subsets", f"unknown subset(s) {bad}; choose from {OVDEVAL_SUBSETS}")
+        _require(len(self.subsets) > 0, "subsets", "name at least one subset")
+        _require(len(set(self.subsets)) == len(self.subsets), "subsets", "lists a subset twice")
+
+
 @dataclass
 class LoggerConfig:
     """Experiment tracking (``logger=wandb|none``)."""
@@ -225,7 +308,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "pruner": {"base": PrunerConfig, "sparsegpt": SparseGPTConfig, "owl": OWLConfig},
     "sparsity": {"base": SparsityConfig},
     "calibration": {"base": CalibrationConfig, "llava_json": LlavaJsonCalibrationConfig},
-    "benchmark": {"base": BenchmarkConfig},
+    "benchmark": {
+        "base": BenchmarkConfig,
+        "mathv": MathVConfig,
+        "ovdeval": OVDEvalConfig,
+        "ovdeval_all": OVDEvalAllConfig,
+    },
     "logger": {"base": LoggerConfig},
     "paths": {"base": PathsConfig},
 }
