@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmprune_exp.config.schema import LoggerConfig
+from mmprune_exp.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,13 @@ class WandbTracker(Tracker):
             log.warning("wandb finish failed: %s", err)
 
 
-TRACKERS: dict[str, Callable[..., Tracker]] = {
-    "none": lambda cfg, config, run_dir: Tracker(),
-    "wandb": WandbTracker,
-}
+TRACKERS = Registry("logger.name")
+TRACKERS.register("none")(lambda cfg, config, run_dir: Tracker())
+TRACKERS.register("wandb")(WandbTracker)
 
 
 def build_tracker(cfg: LoggerConfig, config: dict[str, Any], run_dir: Path) -> Tracker:
-    if cfg.name not in TRACKERS:
-        raise KeyError(f"logger.name={cfg.name!r} is not registered; known: {sorted(TRACKERS)}")
-    return TRACKERS[cfg.name](cfg, config, run_dir)
+    return TRACKERS.get_factory(cfg.name)(cfg, config, run_dir)
 
 
 # -- reading an offline run back ------------------------------------------------------------------

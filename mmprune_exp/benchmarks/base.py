@@ -8,13 +8,13 @@ can be re-aggregated (or resumed) from the file alone.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
 from mmprune_exp.models.base import Request
+from mmprune_exp.registry import Registry
 
 
 class BenchmarkDataError(FileNotFoundError):
@@ -57,19 +57,16 @@ class Benchmark(ABC):
         return []
 
 
-BENCHMARKS: dict[str, Callable[[BenchmarkConfig], Benchmark]] = {}
+BENCHMARKS = Registry("benchmark.name")
 
 
 def register_benchmark(name: str):
     def decorator(cls):
         cls.name = name
-        BENCHMARKS[name] = cls
-        return cls
+        return BENCHMARKS.register(name)(cls)
 
     return decorator
 
 
 def build_benchmark(cfg: BenchmarkConfig) -> Benchmark:
-    if cfg.name not in BENCHMARKS:
-        raise KeyError(f"benchmark.name={cfg.name!r} is not registered; known: {sorted(BENCHMARKS)}")
-    return BENCHMARKS[cfg.name](cfg)
+    return BENCHMARKS.get_factory(cfg.name)(cfg)

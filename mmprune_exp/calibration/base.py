@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmprune_exp.config.schema import CalibrationConfig
 from mmprune_exp.models.base import Request
+from mmprune_exp.registry import Registry
 
 
 class CalibrationError(ValueError):
@@ -22,18 +22,9 @@ class CalibrationData:
     max_length: int
 
 
-CALIBRATION_SETS: dict[str, Callable[[CalibrationConfig], list[Request]]] = {}
-
-
-def register_calibration(name: str):
-    def decorator(fn):
-        CALIBRATION_SETS[name] = fn
-        return fn
-
-    return decorator
+CALIBRATION_SETS = Registry("calibration.name")  # name -> fn(CalibrationConfig) -> list[Request]
+register_calibration = CALIBRATION_SETS.register
 
 
 def build_calibration(cfg: CalibrationConfig) -> CalibrationData:
-    if cfg.name not in CALIBRATION_SETS:
-        raise KeyError(f"calibration.name={cfg.name!r} is not registered; known: {sorted(CALIBRATION_SETS)}")
-    return CalibrationData(cfg.name, CALIBRATION_SETS[cfg.name](cfg), cfg.max_length)
+    return CalibrationData(cfg.name, CALIBRATION_SETS.get_factory(cfg.name)(cfg), cfg.max_length)

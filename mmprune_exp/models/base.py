@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from mmprune_exp.config.schema import ModelConfig
+from mmprune_exp.registry import Registry
 
 
 class ModelLoadError(RuntimeError):
@@ -84,21 +84,12 @@ class ModelAdapter(ABC):
         return None
 
 
-ADAPTERS: dict[str, Callable[[ModelConfig], ModelAdapter]] = {}
-
-
-def register_adapter(family: str):
-    def decorator(cls):
-        ADAPTERS[family] = cls
-        return cls
-
-    return decorator
+ADAPTERS = Registry("model.family", ModelLoadError)
+register_adapter = ADAPTERS.register
 
 
 def load_adapter(cfg: ModelConfig) -> ModelAdapter:
-    if cfg.family not in ADAPTERS:
-        raise ModelLoadError(f"model.family={cfg.family!r} has no adapter; known families: {sorted(ADAPTERS)}")
-    return ADAPTERS[cfg.family](cfg)
+    return ADAPTERS.get_factory(cfg.family)(cfg)
 
 
 def resolve_device(name: str) -> torch.device:

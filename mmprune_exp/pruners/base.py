@@ -6,11 +6,11 @@ whether to build calibration batches at all (magnitude pruning does not).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mmprune_exp.config.schema import PrunerConfig, SparsityConfig
 from mmprune_exp.models.base import ModelAdapter
+from mmprune_exp.registry import Registry
 
 if TYPE_CHECKING:
     from mmprune_exp.calibration import CalibrationData
@@ -30,21 +30,12 @@ class Pruner:
         return adapter.target_linears(list(self.cfg.scope), list(self.cfg.modules))
 
 
-PRUNERS: dict[str, Callable[[PrunerConfig, SparsityConfig], Pruner]] = {}
-
-
-def register_pruner(name: str):
-    def decorator(cls):
-        PRUNERS[name] = cls
-        return cls
-
-    return decorator
+PRUNERS = Registry("pruner.name")
+register_pruner = PRUNERS.register
 
 
 def build_pruner(cfg: PrunerConfig, sparsity: SparsityConfig) -> Pruner:
-    if cfg.name not in PRUNERS:
-        raise KeyError(f"pruner.name={cfg.name!r} is not registered; known: {sorted(PRUNERS)}")
-    return PRUNERS[cfg.name](cfg, sparsity)
+    return PRUNERS.get_factory(cfg.name)(cfg, sparsity)
 
 
 @register_pruner("none")
