@@ -10,7 +10,8 @@ mark) with 2 threads, on 16 calibration samples of 512 tokens:
 - ``*_disk``: the same with ``model.offload=disk`` (layers streamed from the shards, written back pruned).
 
 Seconds count the layer loop only (capturing layer-0 inputs is the same for every method and reported
-apart). Run: ``python bench/prune_cost.py [--layers 2 8] [--json out.json]``.
+apart). Run: ``python bench/prune_cost.py [--layers 2 8] [--json out.json]``; ``--layers 2 --disk-layers 8``
+runs the in-memory methods at 2 layers only and the streamed ones at both depths (the memory comparison).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8], help="depths at which every method runs")
+    parser.add_argument(
+        "--disk-layers", type=int, nargs="*", default=[], help="extra depths at which only the *_disk methods run"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=512)
@@ -113,12 +117,14 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prune_cost_models_"))
     rows = []
     env = os.environ | {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
-    for layers in args.layers:
+    plan = [(n, args.methods) for n in args.layers]
+    plan += [(n, [m for m in args.methods if m.endswith("_disk")]) for n in args.disk_layers if n not in args.layers]
+    for layers, methods in plan:
         model_dir = workdir / f"qwen2_5_vl_3b_shapes_{layers}l"
         if not (model_dir / "config.json").exists():
             print(f"building a random {layers}-layer checkpoint in {model_dir} ...", file=sys.stderr)
             build_checkpoint(model_dir, layers)
-        for method in args.methods:
+        for method in methods:
             cmd = [sys.executable, __file__, "--worker", str(model_dir), method,
                    "--samples", str(args.samples), "--tokens", str(args.tokens)]  # fmt: skip
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -132,7 +138,7 @@ def main() -> None:
     for r in rows:
         floor = by.get(("plain_disk" if r["method"].endswith("_disk") else "plain", r["layers"]))
         ratio = r["seconds_per_layer"] / floor["seconds_per_layer"] if floor else float("nan")
-        small = by.get((r["method"], min(args.layers)))
+        small = by.get((r["method"], min(n for n, _ in plan)))
         rss_ratio = r["peak_rss_gb"] / small["peak_rss_gb"] if small else float("nan")
         r["x_plain"], r["rss_vs_smallest"] = ratio, rss_ratio
         print(f"{r['method']:<11} {r['layers']:>6} {r['seconds_per_layer']:>8.1f} {ratio:>8.2f} "
