@@ -164,8 +164,15 @@ class SequentialEngine:
         make_stat: Callable[[nn.Linear], Any],
         on_layer: LayerCallback,
         desc: str = "prune",
+        keep_dense_outputs: bool = False,
     ) -> list[LayerInputs]:
-        """Returns the inputs of the layer after the last one (the final hidden states)."""
+        """Returns the inputs of the layer after the last one (the final hidden states).
+
+        When ``on_layer`` prunes (the usual case) the dense pass only has to deliver statistics, so each
+        sample's pass stops as soon as the last hooked linear has seen its input: down_proj's matmul, about
+        30% of a decoder layer, is skipped. Pass ``keep_dense_outputs=True`` for a measuring pass that leaves
+        the weights alone (OWL's outlier pass): its dense outputs then feed the next layer directly.
+        """
         layers = self.adapter.decoder_layers()
         streamer = getattr(self.adapter, "layer_streamer", None)  # model.offload=disk
         for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
@@ -175,20 +182,37 @@ class SequentialEngine:
             # Linears fed the same tensor (q/k/v; gate/up) share one statistic: accumulated once, and a
             # pruner may cache work derived from it (SparseGPT's inverse Hessian factor).
             stats: dict[str, Any] = {}
+            groups = self.adapter.input_groups(list(linears))
+            seen = [0]
+
+            def collect(mod, args, stat):
+                stat.add(args[0])
+                seen[0] += 1
+                if not keep_dense_outputs and seen[0] == len(groups):
+                    raise _StopForward  # every statistic of this sample is in
+
             handles = []
-            for group in self.adapter.input_groups(list(linears)):
+            for group in groups:
                 stat = make_stat(linears[group[0]])
                 stats.update(dict.fromkeys(group, stat))
-                hook = linears[group[0]].register_forward_hook(lambda mod, args, out, stat=stat: stat.add(args[0]))
+                hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, stat=stat: collect(mod, args, stat))
                 handles.append(hook)
+            dense_out: list[torch.Tensor] | None = []
             try:
-                dense_out = [forward_layer(layer, x, self.device) for x in inputs]
+                for x in inputs:
+                    seen[0] = 0
+                    try:
+                        dense_out.append(forward_layer(layer, x, self.device))
+                    except _StopForward:
+                        pass
             finally:
                 for handle in handles:
                     handle.remove()
+            if len(dense_out) < len(inputs):  # passes were cut short: no dense outputs to reuse
+                dense_out = None
             changed = on_layer(index, linears, stats) if linears else False
             del stats
-            if changed:  # the pruned layer's outputs feed the next layer
+            if changed or dense_out is None:  # the pruned layer's outputs feed the next layer
                 dense_out = None
                 outs = [forward_layer(layer, x, self.device) for x in inputs]
             else:

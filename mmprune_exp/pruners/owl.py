@@ -66,7 +66,7 @@ class OWLPruner(WandaPruner):
             self.outlier_ratios[index] = outlier_ratio(metric, self.cfg.m)
             return False  # dense pass: weights unchanged, dense outputs feed the next layer
 
-        engine.run(inputs, self.make_stat, measure, desc="owl outliers")
+        engine.run(inputs, self.make_stat, measure, desc="owl outliers", keep_dense_outputs=True)
         layers = sorted(self.outlier_ratios)
         values = owl_layer_sparsities([self.outlier_ratios[i] for i in layers], self.sparsity.value, self.cfg.lam)
         self.layer_values = dict(zip(layers, values))
