@@ -46,6 +46,16 @@ def test_hessian_is_two_over_n_sum_xxt():
     assert torch.allclose(stat.H, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_blocked_buffered_hessian_equals_the_formula():
+    xs = batches(seed=7, cols=37, lengths=(5, 9, 3, 7, 11))
+    stat = Hessian(37, flush_tokens=10, block=8)  # several blocks, a flush every few samples
+    for x in xs:
+        stat.add(x)
+    expected = 2 / len(xs) * sum(x[0].T @ x[0] for x in xs)
+    assert torch.allclose(stat.H, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stat.H, stat.H.T)
+
+
 # -- Wanda ----------------------------------------------------------------------------------------
 
 
