@@ -51,8 +51,6 @@ def build_checkpoint(out: Path, layers: int, seed: int = 0) -> None:
 
 
 def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
-    import resource
-
     import torch
 
     torch.set_num_threads(2)
@@ -62,6 +60,7 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
     from mmprune_exp.pruners import build_pruner
     from mmprune_exp.pruners.engine import SequentialEngine, collect_layer_inputs
     from mmprune_exp.pruners.stats import RowScaler
+    from mmprune_exp.utils import peak_rss_gb
 
     base, _, offload = method.partition("_")
     adapter = load_adapter(ModelConfig(path=model_dir, device="cpu", offload="disk" if offload else "none"))
@@ -93,7 +92,7 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
         "layers": n_layers,
         "seconds_per_layer": loop_s / n_layers,
         "capture_s": capture_s,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
     }
 
 

@@ -35,10 +35,25 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GB.
+
+    Linux's VmHWM belongs to the address space, so it starts afresh at exec; ``ru_maxrss`` survives exec and
+    would report the parent's footprint for a process forked from a large one (a benchmark driver, say).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (GB) and, on CUDA, peak allocated device memory (GB)."""
-    # ru_maxrss is in KiB on Linux.
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"peak_rss_gb": peak_rss_gb()}
     if torch.cuda.is_available():
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
