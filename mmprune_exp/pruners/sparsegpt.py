@@ -146,19 +146,29 @@ def sparsegpt_prune(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
-        for i in range(count):
-            w = W1[i]
-            d = Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[i : i + prunem].pow(2) / d1[i : i + prunem].reshape(-1, 1).pow(2)
-                lowest = torch.sort(tmp, dim=0, stable=True).indices[:prunen]
-                mask1.scatter_(0, i + lowest, True)
-            q = w.masked_fill(mask1[i], 0)
-            Q1[i] = q
-            Losses1[i] = (w - q).pow(2) / d.pow(2)
-            err1 = (w - q) / d
-            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
-            Err1[i] = err1
+        # Inside the block the reference updates all remaining block columns after every column. The same
+        # updates are applied here in sub-blocks of `sub` columns: immediately within the sub-block, and to
+        # the columns after it in one matmul when the sub-block ends (the reference's lazy batching, one
+        # level down). Same arithmetic, far fewer passes over the block.
+        sub = max(prunem, (16 // prunem) * prunem) if prunen else 16
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                w = W1[i]
+                d = Hinv1[i, i]
+                if prunen != 0 and i % prunem == 0:
+                    tmp = W1[i : i + prunem].pow(2) / d1[i : i + prunem].reshape(-1, 1).pow(2)
+                    lowest = torch.sort(tmp, dim=0, stable=True).indices[:prunen]
+                    mask1.scatter_(0, i + lowest, True)
+                q = w.masked_fill(mask1[i], 0)
+                Q1[i] = q
+                Losses1[i] = (w - q).pow(2) / d.pow(2)
+                err1 = (w - q) / d
+                # rank-1 update as a GEMM: BLAS keeps it fast where small elementwise kernels stall on threads
+                W1[i:j2].addmm_(Hinv1[i, i:j2, None], err1[None, :], alpha=-1)
+                Err1[i] = err1
+            if j2 < count:
+                W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
 
         WT[i1:i2] = Q1
         losses += torch.sum(Losses1, 0) / 2
