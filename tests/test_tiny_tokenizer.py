@@ -1,0 +1,160 @@
+"""Tiny model: tokenizer, chat template, processor expansion, shipped checkpoint, training determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from mmprune_exp.data.scenes import grounding_items, vqa_items, video_items
+from mmprune_exp.tiny import TINY_MODEL_DIR
+from mmprune_exp.tiny.build import CHAT_TEMPLATE, TinyArch, build_processor
+from mmprune_exp.tiny.tokenizer import SPECIAL_TOKENS, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (TINY_MODEL_DIR / "model.safetensors").is_file():
+        pytest.fail(f"the tiny checkpoint is missing from {TINY_MODEL_DIR}; rebuild it with mmprune_exp.tiny.train")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY_MODEL_DIR)
+    return model.eval(), AutoProcessor.from_pretrained(TINY_MODEL_DIR)
+
+
+TEXTS = [
+    "How many red shapes are there?",
+    "What colour is the circle?\nA. red\nB. green\nC. blue\nD. yellow\nAnswer with the letter.",
+    grounding_items("train", 1)[0].answer,
+    "this island is 112 px, 12 isn't; bbox_2d_x",
+    "unicode: héllo, 日本, emoji \U0001f600, tab\tend",
+    "  leading and trailing spaces  ",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_round_trip(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_whole_word_tokens_only_match_whole_words(tokenizer):
+    tokens = tokenizer.tokenize("this is 112, 12 red")
+    assert tokens[:2] == ["t", "h"]  # "is" is a word token, but not inside "this"
+    assert "is" in tokens and "112" in tokens and "12" in tokens and "red" in tokens
+    assert "1" not in tokens
+
+
+def test_special_tokens_are_single_ids(tokenizer):
+    for tok in SPECIAL_TOKENS:
+        ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids) == [tok]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == "user\nhi"
+
+
+def test_chat_template_matches_qwen_format(processor):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert prompt == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q"}]}]
+    assert processor.apply_chat_template(video, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n"
+    )
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ]
+    assert processor.apply_chat_template(chat, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    )
+
+
+def test_processor_expands_visual_placeholders(processor):
+    tok = processor.tokenizer
+    item = vqa_items("eval", 1)[0]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[item.image], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == 16  # 112x112 -> 8x8 patches -> 4x4 merged
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert inputs["pixel_values"].shape == (64, 3 * 2 * 14 * 14)
+    vid = video_items("eval", 1)[0]
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": vid.question}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], videos=[vid.frames], return_tensors="pt")
+    assert inputs["video_grid_thw"].tolist() == [[4, 8, 8]]  # 8 frames / temporal patch 2
+    assert inputs["input_ids"][0].tolist().count(tok.convert_tokens_to_ids("<|video_pad|>")) == 64
+
+
+def test_shipped_checkpoint_is_consistent(shipped):
+    model, processor = shipped
+    tok = processor.tokenizer
+    cfg = model.config
+    assert cfg.model_type == "qwen2_5_vl"
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    assert processor.chat_template == CHAT_TEMPLATE
+    assert tok("red 112 bbox_2d")["input_ids"] == build_tokenizer()("red 112 bbox_2d")["input_ids"]
+    assert AutoTokenizer.from_pretrained(TINY_MODEL_DIR).convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+    assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 4_000_000
+    assert (TINY_MODEL_DIR / "model.safetensors").stat().st_size < 20e6
+    report = json.loads((TINY_MODEL_DIR / "training_report.json").read_text())
+    assert report["metrics"]["vqa_accuracy"] >= 0.9 and report["metrics"]["grounding_ap50"] >= 0.5
+
+
+@torch.no_grad()
+def test_shipped_checkpoint_looks_at_the_image(shipped):
+    model, processor = shipped
+    items = vqa_items("eval", 2)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": items[0].question}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    logits = [
+        model(**processor(text=[prompt], images=[it.image], return_tensors="pt")).logits[0, -1]
+        for it in items
+    ]
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+    # And greedy generation works through the standard API, ending at <|im_end|>.
+    inputs = processor(text=[prompt], images=[items[0].image], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    assert answer == items[0].answer
+
+
+def test_training_is_deterministic():
+    from mmprune_exp.tiny.train import TrainArgs, train
+
+    # A miniature of the real recipe (all auxiliary losses on), three steps of each batch kind.
+    arch = TinyArch(text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=64,
+                    mrope_section=[2, 3, 3], vision_hidden=32, vision_depth=1, vision_heads=2, vision_intermediate=64)
+    args = TrainArgs(steps=4, batch_size=4, grounding_every=2, probe_every=0, log_every=1000, warmup=1, arch=arch,
+                     threads=1)
+    states = []
+    for _ in range(2):
+        model, _, _ = train(args, log=lambda *_: None)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    args_other = TrainArgs(**{**vars(args), "seed": 1})
+    other, _, _ = train(args_other, log=lambda *_: None)
+    assert not torch.equal(other.state_dict()["lm_head.weight"], states[0]["lm_head.weight"])
