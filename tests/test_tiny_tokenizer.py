@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from mmprune_exp.data.scenes import grounding_items, vqa_items, video_items
+from mmprune_exp.data.scenes import grounding_items, video_items, vqa_items
 from mmprune_exp.tiny import TINY_MODEL_DIR
 from mmprune_exp.tiny.build import CHAT_TEMPLATE, TinyArch, build_processor
 from mmprune_exp.tiny.tokenizer import SPECIAL_TOKENS, build_tokenizer
