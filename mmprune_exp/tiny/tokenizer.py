@@ -54,8 +54,14 @@ TASK_WORDS: tuple[str, ...] = (
     "system", "user", "assistant",
 )  # fmt: skip
 NUMBER_WORDS: tuple[str, ...] = tuple(str(i) for i in range(IMAGE_SIZE + 1))
+# Punctuation runs of Qwen2.5-VL's grounding JSON, one token each (a real BPE vocabulary has such merges).
+# A box line then takes ~15 tokens instead of ~32, which halves grounding sequence length and decode time.
+BOX_OPEN = '{"bbox_2d": ['
+BOX_LABEL = '], "label": "'
+BOX_CLOSE = '"}'
+COMMA = ", "
 # Non-word added tokens (not single_word: they are punctuation anyway).
-SYMBOL_TOKENS: tuple[str, ...] = ("```",)
+SYMBOL_TOKENS: tuple[str, ...] = ("```", BOX_OPEN, BOX_LABEL, BOX_CLOSE, COMMA)
 
 
 def _dedupe(items) -> list[str]:
