@@ -184,11 +184,12 @@ class SequentialEngine:
             stats: dict[str, Any] = {}
             groups = self.adapter.input_groups(list(linears))
             seen = [0]
+            expected = len(groups)
 
-            def collect(mod, args, stat):
+            def collect(mod, args, stat, seen=seen, expected=expected):
                 stat.add(args[0])
                 seen[0] += 1
-                if not keep_dense_outputs and seen[0] == len(groups):
+                if not keep_dense_outputs and seen[0] == expected:
                     raise _StopForward  # every statistic of this sample is in
 
             handles = []

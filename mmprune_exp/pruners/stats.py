@@ -7,6 +7,8 @@ the layer alone (batch size 1, no padding), so padding never enters a statistic.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -46,7 +48,7 @@ class Hessian:
         bounds = list(range(0, in_features, block)) + [in_features]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < block // 2:  # no sliver of a last block
             bounds.pop(-2)
-        self._blocks = list(zip(bounds[:-1], bounds[1:]))
+        self._blocks = list(itertools.pairwise(bounds))
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self._H: torch.Tensor | None = None
