@@ -79,7 +79,7 @@ class TinyArch:
     tie_word_embeddings: bool = True
     # Qwen's 0.02 suits hidden sizes in the thousands; at 128 it makes every product of two fresh matrices
     # (value x output projection, embedding x head) tiny, which stalls learning from scratch.
-    init_std: float = 0.02
+    init_std: float = 0.06
 
     def to_dict(self) -> dict:
         return asdict(self)
