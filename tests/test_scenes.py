@@ -18,8 +18,8 @@ from mmprune_exp.data.scenes import (
     SPLIT_SEEDS,
     grounding_items,
     reading_order,
-    vqa_items,
     video_items,
+    vqa_items,
 )
 
 
@@ -128,7 +128,7 @@ def test_vqa_answers_match_the_objects():
         elif it.kind == "colour":
             kind = re.match(r"What colour is the (\w+)\?", it.question).group(1)
             (obj,) = _matching(it.objects, kind=kind)
-            options = dict(re.findall(r"^([A-D])\. (\w+)$", it.question, flags=re.M))
+            options = dict(re.findall(r"^([A-D])\. (\w+)$", it.question, flags=re.MULTILINE))
             assert sorted(options.values()) == sorted(COLOURS)
             assert options[it.answer] == obj.colour
         elif it.kind == "shape":
@@ -178,7 +178,7 @@ def test_video_answers_match_the_frames():
     for it in items:
         assert len(it.frames) == 8
         if it.kind == "direction":
-            colour, kind = re.match(r"Which direction does the (\w+) (\w+) move\?", it.question).groups()
+            colour, _kind = re.match(r"Which direction does the (\w+) (\w+) move\?", it.question).groups()
             first, last = np.asarray(it.frames[0]).astype(int), np.asarray(it.frames[-1]).astype(int)
             moved = np.any(first != last, axis=-1)
             target = np.array(COLOUR_RGB[colour])

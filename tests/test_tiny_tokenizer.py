@@ -6,7 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from mmprune_exp.data.scenes import grounding_items, video_items, vqa_items
 from mmprune_exp.tiny import TINY_MODEL_DIR
@@ -163,3 +167,21 @@ def test_training_is_deterministic():
     args_other = TrainArgs(**{**vars(args), "seed": 1})
     other, _, _ = train(args_other, log=lambda *_: None)
     assert not torch.equal(other.state_dict()["lm_head.weight"], states[0]["lm_head.weight"])
+
+
+@torch.no_grad()
+def test_shipped_checkpoint_accepts_video(shipped):
+    # Not trained on video (see training_report.json), but video input must run end to end.
+    model, processor = shipped
+    items = video_items("eval", 2)
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": it.question}]}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        for it in items
+    ]
+    inputs = processor(text=prompts, videos=[it.frames for it in items], padding=True, padding_side="left",
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] > inputs["input_ids"].shape[1]

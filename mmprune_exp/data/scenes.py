@@ -239,13 +239,13 @@ def _count_item(rng: random.Random) -> tuple[Scene, str, str, list[ShapeObj]]:
         specs = [(rng.choice(SHAPES), colour) for _ in range(k)]
         specs += _random_specs_excluding(rng, total - k, lambda s, c: c == colour)
         question = f"How many {colour} shapes are there?"
-        match = lambda o: o.colour == colour  # noqa: E731
+        match = lambda o: o.colour == colour
     else:
         kind = rng.choice(SHAPES)
         specs = [(kind, rng.choice(COLOURS)) for _ in range(k)]
         specs += _random_specs_excluding(rng, total - k, lambda s, c: s == kind)
         question = f"How many {SHAPE_PLURALS[kind]} are there?"
-        match = lambda o: o.kind == kind  # noqa: E731
+        match = lambda o: o.kind == kind
     rng.shuffle(specs)
     scene = make_scene(rng, specs)
     return scene, question, str(k), [o for o in scene.objects if match(o)]
@@ -404,7 +404,7 @@ def _direction_video(rng: random.Random, num_frames: int) -> tuple[list[Image.Im
     across = rng.randint(lo, hi)
     boxes = []
     for t in range(num_frames):
-        along = int(round(along_start + (dx + dy) * speed * t))
+        along = round(along_start + (dx + dy) * speed * t)
         x1, y1 = (along, across) if dx else (across, along)
         boxes.append((x1, y1, x1 + size, y1 + size))
     path = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))

@@ -111,41 +111,42 @@ def build_processor() -> Qwen2_5_VLProcessor:
 
 def build_config(tokenizer, arch: TinyArch | None = None) -> Qwen2_5_VLConfig:
     arch = arch or TinyArch()
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in (PAD_TOKEN, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)}
+    specials = (PAD_TOKEN, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in specials}
     # Round the embedding table up to a multiple of 64 like real checkpoints do (unused rows are harmless).
     vocab_size = -(-len(tokenizer) // 64) * 64
-    text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_intermediate,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_kv_heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta, "mrope_section": list(arch.mrope_section)},
-        bos_token_id=None,
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[PAD_TOKEN],
-        use_sliding_window=False,
-        tie_word_embeddings=arch.tie_word_embeddings,
-        initializer_range=arch.init_std,
-    )
-    vision_config = dict(
-        depth=arch.vision_depth,
-        hidden_size=arch.vision_hidden,
-        intermediate_size=arch.vision_intermediate,
-        num_heads=arch.vision_heads,
-        out_hidden_size=arch.text_hidden,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": arch.text_hidden,
+        "intermediate_size": arch.text_intermediate,
+        "num_hidden_layers": arch.text_layers,
+        "num_attention_heads": arch.text_heads,
+        "num_key_value_heads": arch.text_kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta, "mrope_section": list(arch.mrope_section)},
+        "bos_token_id": None,
+        "eos_token_id": ids[IM_END],
+        "pad_token_id": ids[PAD_TOKEN],
+        "use_sliding_window": False,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "initializer_range": arch.init_std,
+    }
+    vision_config = {
+        "depth": arch.vision_depth,
+        "hidden_size": arch.vision_hidden,
+        "intermediate_size": arch.vision_intermediate,
+        "num_heads": arch.vision_heads,
+        "out_hidden_size": arch.text_hidden,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         # A 112-pixel window covers a whole 112 x 112 image, so window attention equals full attention here.
-        window_size=IMAGE_SIZE,
-        fullatt_block_indexes=[arch.vision_depth - 1],
-        tokens_per_second=2,
-        initializer_range=arch.init_std,
-    )
+        "window_size": IMAGE_SIZE,
+        "fullatt_block_indexes": [arch.vision_depth - 1],
+        "tokens_per_second": 2,
+        "initializer_range": arch.init_std,
+    }
     head_dim = arch.text_hidden // arch.text_heads
     if sum(arch.mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {arch.mrope_section} must sum to head_dim/2 = {head_dim // 2}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -43,6 +44,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+# OpenMP threads that spin while waiting make a 2-thread run 3-5x slower as soon as another process wants
+# one of the two cores (measured: 1.35 vs 0.86 s/step with one busy neighbour); passive waiting costs ~10 %
+# on an idle machine. Only effective when this module is what first loads torch (the training command).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +60,8 @@ from .tokenizer import BOX_OPEN, IM_END, NUMBER_WORDS
 
 VQA_MAX_NEW_TOKENS = 8
 VIDEO_MAX_NEW_TOKENS = 8
-# Three boxes take ~105 tokens; leave room for a fourth so a model that over-predicts is not truncated.
+# Three boxes take ~55 tokens; the slack keeps the output of a model that over-predicts (e.g. a pruned one)
+# parseable instead of truncated.
 GROUNDING_MAX_NEW_TOKENS = 150
 
 
@@ -76,8 +84,8 @@ class Batch:
     cell_targets: torch.Tensor | None = None  # (rows * 16,) long
     box_targets: torch.Tensor | None = None  # (rows * 16, 4 * CODE_DIM) float: coordinate codes
     # Attention-guide targets (training only, see AttentionGuide): name -> [(row, query position,
-    # key positions the query should attend to), ...].
-    guides: dict[str, list[tuple[int, int, list[int]]]] | None = None
+    # key positions the query should attend to, key weights or None), ...].
+    guides: dict[str, list[tuple[int, int, list[int], list[float] | None]]] | None = None
     # Read-out targets (training only, see ReadoutAux): [(row, position, token id)] and
     # [(row, position, axis 0=x/1=y, first object before second along it)].
     lens: list[tuple[int, int, int]] | None = None
@@ -267,7 +275,7 @@ class AttentionGuide:
     layer computes it, so any attention implementation works. Heads other than the guided ones are free.
     """
 
-    SPECS: dict[str, list[tuple[int, int]]] = {
+    SPECS: ClassVar[dict[str, list[tuple[int, int]]]] = {
         "question": [(0, 0)],
         "question_b": [(0, 2)],
         "relation_word": [(0, 3)],
