@@ -1,7 +1,9 @@
-"""Small run helpers: seeding, stage timing, peak memory, stable hashing."""
+"""Small run helpers: seeding, stage timing, peak memory, heap release, stable hashing."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import random
@@ -57,6 +59,37 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def bound_heap(mmap_threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation of at least ``mmap_threshold_bytes`` with its own mmap (glibc only).
+
+    glibc raises its mmap threshold as large blocks are freed, after which the per-sample activations of a
+    decoder layer (megabytes each) come from the heap, whose free space is rarely handed back: the resident
+    set then creeps up layer after layer. With a fixed threshold such blocks go back to the OS when freed,
+    so a streamed model's footprint stays at one layer's worth however deep it is. Returns whether it applied.
+    """
+    libc = _libc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes)))
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -282,7 +282,9 @@ class AttentionGuide:
         "letter": [(0, 1)],
         "image": [(1, 0), (2, 0)],
         "image_b": [(1, 1), (2, 1)],
-        "count": [(1, 2), (2, 2)],
+        # Heads 4-7 exist only in the 8-head models: a second count head per layer there averages out
+        # the error of either one (a count is read from attention mass, the most fragile thing a head does).
+        "count": [(1, 2), (2, 2), (1, 6), (2, 6)],
         "option": [(3, 0)],
         "coord0": [(3, 0)],
         "coord1": [(3, 1)],
@@ -857,6 +859,8 @@ def parse_args(argv=None) -> TrainArgs:
     p.add_argument("--text-hidden", type=int, default=a.text_hidden)
     p.add_argument("--text-layers", type=int, default=a.text_layers)
     p.add_argument("--text-intermediate", type=int, default=a.text_intermediate)
+    p.add_argument("--text-heads", type=int, default=a.text_heads)
+    p.add_argument("--text-kv-heads", type=int, default=a.text_kv_heads)
     p.add_argument("--vision-hidden", type=int, default=a.vision_hidden)
     p.add_argument("--vision-depth", type=int, default=a.vision_depth)
     p.add_argument("--vision-intermediate", type=int, default=a.vision_intermediate)
@@ -864,6 +868,7 @@ def parse_args(argv=None) -> TrainArgs:
     p.add_argument("--notes", default="", help="free text stored in training_report.json")
     ns = p.parse_args(argv)
     arch = TinyArch(text_hidden=ns.text_hidden, text_layers=ns.text_layers, text_intermediate=ns.text_intermediate,
+                    text_heads=ns.text_heads, text_kv_heads=ns.text_kv_heads,
                     vision_hidden=ns.vision_hidden, vision_depth=ns.vision_depth,
                     vision_intermediate=ns.vision_intermediate, init_std=ns.init_std)
     return TrainArgs(out=ns.out, seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,

@@ -32,3 +32,28 @@ def test_streamed_pruning_equals_in_memory_pruning(random_tiny_dir, tmp_path, cf
     for name, tensor in reloaded.state_dict().items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
     assert (tmp_path / "pruned" / "chat_template.jinja").exists()  # processor files travel along
+
+
+def test_heap_helpers_return_freed_memory_to_the_os():
+    """The streamer fixes glibc's mmap threshold so freed activations leave the resident set at once."""
+    import ctypes.util
+    import platform
+
+    import torch
+
+    from mmprune_exp.utils import bound_heap, release_freed_memory
+
+    def rss_kb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    assert bound_heap() == bool(glibc)
+    release_freed_memory()
+    if glibc:
+        before = rss_kb()
+        blocks = [torch.ones(1 << 19) for _ in range(64)]  # 64 x 2 MB, above the fixed 1 MB threshold
+        assert rss_kb() - before > 100_000
+        del blocks
+        release_freed_memory()
+        assert rss_kb() - before < 20_000
