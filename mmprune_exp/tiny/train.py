@@ -282,9 +282,7 @@ class AttentionGuide:
         "letter": [(0, 1)],
         "image": [(1, 0), (2, 0)],
         "image_b": [(1, 1), (2, 1)],
-        # Heads 4-7 exist only in the 8-head models: a second count head per layer there averages out
-        # the error of either one (a count is read from attention mass, the most fragile thing a head does).
-        "count": [(1, 2), (2, 2), (1, 6), (2, 6)],
+        "count": [(1, 2), (2, 2)],
         "option": [(3, 0)],
         "coord0": [(3, 0)],
         "coord1": [(3, 1)],
