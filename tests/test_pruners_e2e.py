@@ -53,8 +53,12 @@ def test_recovery_at_50_percent(sweep):
     SparseGPT 0.88.
 
     The weight-pruning issue aims at >= 0.95 for Wanda and SparseGPT, and at least magnitude's; on this
-    1.9M-parameter model neither is reached yet. Asserted here: every method keeps most of the accuracy at the
-    sparsity it was asked for.
+    1.9M-parameter model neither is reached. The whole loss is in the count questions (colour, shape and
+    position stay at 0.98-1.0 for every method), and it comes from the query/key projections of decoder layer 1,
+    the guided head that reads a count from its attention mass: SparseGPT at 50% on the MLPs only keeps 0.985,
+    on v/o only 0.97, on layer-1 q/k alone drops to 0.905. On answer perplexity SparseGPT is the best of the
+    three (bench/compare_reference.py). Asserted here: every method keeps most of the accuracy at the sparsity
+    it was asked for.
     """
     recovery = {m: sweep[(m, "s50")]["recovery"] for m in ("magnitude", "wanda", "sparsegpt")}
     assert all(r >= 0.7 for r in recovery.values()), recovery
