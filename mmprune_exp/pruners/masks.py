@@ -7,7 +7,18 @@ so equal scores give the same mask on every run.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
 import torch
+
+# Below this many scores a matrix is not worth splitting across threads.
+_PARALLEL_MIN_NUMEL = 1 << 20
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="masks")
 
 
 def _lowest(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
@@ -25,6 +36,19 @@ def _lowest(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     return below | (ties & (torch.cumsum(ties, dim=dim) <= needed))
 
 
+def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`_lowest` along the last dim of a 2-D or 3-D tensor, rows split across the CPU threads.
+
+    ``torch.kthvalue`` runs on one core on CPU (measured: the same 0.44 s for an 11008 x 2048 matrix with 1 or
+    2 threads), and rows are independent, so each thread takes a slice of rows; the ops release the GIL.
+    """
+    workers = torch.get_num_threads()
+    if scores.device.type != "cpu" or workers < 2 or scores.numel() < _PARALLEL_MIN_NUMEL:
+        return _lowest(scores, k, dim=-1)
+    chunks = scores.chunk(workers, dim=0)
+    return torch.cat(list(_pool(workers).map(lambda chunk: _lowest(chunk, k, dim=-1), chunks)), dim=0)
+
+
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """One threshold per matrix: prune ``int(numel * sparsity)`` lowest scores of the whole matrix."""
     k = int(scores.numel() * sparsity)
@@ -33,7 +57,7 @@ def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """One threshold per output row: prune ``int(in_features * sparsity)`` lowest scores of every row."""
-    return _lowest(scores, int(scores.shape[1] * sparsity), dim=1)
+    return _lowest_per_row(scores, int(scores.shape[1] * sparsity))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -42,7 +66,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, got {cols}")
     grouped = scores.reshape(rows, cols // m, m)
-    return _lowest(grouped, n, dim=-1).reshape(rows, cols)
+    return _lowest_per_row(grouped, n).reshape(rows, cols)
 
 
 def structured_mask(scores: torch.Tensor, sparsity, per_row: bool) -> torch.Tensor:

@@ -51,3 +51,20 @@ def test_masks_equal_a_stable_sort_under_heavy_ties():
     flat = torch.sort(scores.flatten(), stable=True).indices[:1000]
     expected = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, flat, True).reshape(scores.shape)
     assert torch.equal(matrix_mask(scores, 1000 / scores.numel() + 1e-9), expected)
+
+
+def test_row_split_across_threads_gives_the_same_masks():
+    """Large CPU matrices are split by rows across threads; the masks must equal the one-piece result."""
+    from mmprune_exp.pruners import masks
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 50, (1500, 1024), generator=g).float()  # heavy ties cross chunk borders too
+    assert scores.numel() >= masks._PARALLEL_MIN_NUMEL
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # uneven chunks
+        split_rows, split_nm = masks.row_mask(scores, 0.5), masks.nm_mask(scores, 2, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split_rows, masks._lowest(scores, 512, dim=1))
+    assert torch.equal(split_nm, masks._lowest(scores.reshape(1500, 256, 4), 2, dim=-1).reshape(1500, 1024))
