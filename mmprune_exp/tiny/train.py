@@ -692,6 +692,8 @@ class TrainArgs:
     guide_weight: float = 1.0  # weight of the training-only attention guide (0 = off), see AttentionGuide
     readout_weight: float = 0.5  # weight of the training-only intermediate read-outs (0 = off), see ReadoutAux
     readout_layer: int = 2
+    # Heads guided to read counts ("layer:head,layer:head"); empty = AttentionGuide.SPECS["count"].
+    count_heads: str = ""
     number_codes: bool = True  # ordinal init + label smoothing of number tokens, see NumberSmoothing
     grounding_every: int = 3  # every k-th step is a grounding batch (0 = never)
     video_every: int = 0  # every k-th step is a video batch (0 = never)
@@ -744,7 +746,10 @@ def train(args: TrainArgs, log=print):
     aux = AuxHead(config.text_config.hidden_size) if args.aux_weight > 0 else None
     guide = None
     if args.guide_weight > 0:
-        guide = AttentionGuide(model)
+        specs = dict(AttentionGuide.SPECS)
+        if args.count_heads:
+            specs["count"] = [tuple(int(v) for v in pair.split(":")) for pair in args.count_heads.split(",")]
+        guide = AttentionGuide(model, specs)
     readout = ReadoutAux(model, args.readout_layer) if args.readout_weight > 0 else None
     smoothing = None
     if args.number_codes:
@@ -857,6 +862,7 @@ def parse_args(argv=None) -> TrainArgs:
     p.add_argument("--text-hidden", type=int, default=a.text_hidden)
     p.add_argument("--text-layers", type=int, default=a.text_layers)
     p.add_argument("--text-intermediate", type=int, default=a.text_intermediate)
+    p.add_argument("--count-heads", default=d.count_heads, help='heads guided to read counts, e.g. "1:2,2:2"')
     p.add_argument("--text-heads", type=int, default=a.text_heads)
     p.add_argument("--text-kv-heads", type=int, default=a.text_kv_heads)
     p.add_argument("--vision-hidden", type=int, default=a.vision_hidden)
@@ -871,7 +877,7 @@ def parse_args(argv=None) -> TrainArgs:
                     vision_intermediate=ns.vision_intermediate, init_std=ns.init_std)
     return TrainArgs(out=ns.out, seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                      vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
-                     readout_weight=ns.readout_weight,
+                     readout_weight=ns.readout_weight, count_heads=ns.count_heads,
                       grounding_every=ns.grounding_every,
                      video_every=ns.video_every, threads=ns.threads, probe_every=ns.probe_every,
                      eval_vqa=ns.eval_vqa, eval_grounding=ns.eval_grounding, eval_video=ns.eval_video,
