@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import random
@@ -61,7 +62,9 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where malloc is not glibc's (looked up once: find_library may run ldconfig)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
