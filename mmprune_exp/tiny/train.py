@@ -586,30 +586,41 @@ def coco_ap50(gt: list[list[tuple]], pred: list[list[tuple]]) -> float:
     return float(ev.stats[1])
 
 
+def _answers(model, processor, items: list, texts: list[str], batch_size: int, max_new_tokens: int,
+             media: str = "image") -> list[str]:
+    """Greedy answers to ``items`` (VQA, grounding or video items) asked ``texts``, ``batch_size`` at a time."""
+    out: list[str] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        prompts = [build_prompt(processor, text, media) for text in texts[i : i + batch_size]]
+        if media == "video":
+            out += generate(model, processor, prompts, max_new_tokens, videos=[it.frames for it in chunk])
+        else:
+            out += generate(model, processor, prompts, max_new_tokens, images=[it.image for it in chunk])
+    return out
+
+
+def _accuracy(items: list, preds: list[str]) -> tuple[float, dict[str, float]]:
+    """Exact-match accuracy overall and per question kind."""
+    per_kind: dict[str, list[bool]] = {}
+    for it, p in zip(items, preds):
+        per_kind.setdefault(it.kind, []).append(p == it.answer)
+    overall = sum(sum(v) for v in per_kind.values()) / len(items)
+    return overall, {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
+
+
 def evaluate(model, processor, n_vqa: int = 200, n_grounding: int = 200, n_video: int = 0,
              batch_size: int = 50, split: str = "eval") -> dict:
     model.eval()
     metrics: dict = {}
     if n_vqa:
         items = scenes.vqa_items(split, n_vqa)
-        preds: list[str] = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            preds += generate(model, processor, [build_prompt(processor, it.question) for it in chunk],
-                              VQA_MAX_NEW_TOKENS, images=[it.image for it in chunk])
-        per_kind: dict[str, list[bool]] = {}
-        for it, p in zip(items, preds):
-            per_kind.setdefault(it.kind, []).append(p == it.answer)
-        metrics["vqa_accuracy"] = sum(sum(v) for v in per_kind.values()) / len(items)
-        metrics["vqa_accuracy_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
+        preds = _answers(model, processor, items, [it.question for it in items], batch_size, VQA_MAX_NEW_TOKENS)
+        metrics["vqa_accuracy"], metrics["vqa_accuracy_per_kind"] = _accuracy(items, preds)
         metrics["vqa_examples"] = [{"q": it.question, "gt": it.answer, "pred": p} for it, p in list(zip(items, preds))[:8]]
     if n_grounding:
         items = scenes.grounding_items(split, n_grounding)
-        outs: list[str] = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            outs += generate(model, processor, [build_prompt(processor, it.prompt) for it in chunk],
-                             GROUNDING_MAX_NEW_TOKENS, images=[it.image for it in chunk])
+        outs = _answers(model, processor, items, [it.prompt for it in items], batch_size, GROUNDING_MAX_NEW_TOKENS)
         pred_boxes = [parse_boxes(o) for o in outs]
         metrics["grounding_ap50"] = coco_ap50([it.boxes for it in items], pred_boxes)
         metrics["grounding_exact_match"] = sum(o == it.answer for o, it in zip(outs, items)) / len(items)
@@ -617,16 +628,9 @@ def evaluate(model, processor, n_vqa: int = 200, n_grounding: int = 200, n_video
         metrics["grounding_examples"] = [{"gt": it.answer, "pred": o} for it, o in list(zip(items, outs))[:3]]
     if n_video:
         items = scenes.video_items(split, n_video)
-        preds = []
-        for i in range(0, len(items), batch_size // 2):
-            chunk = items[i : i + batch_size // 2]
-            preds += generate(model, processor, [build_prompt(processor, it.question, "video") for it in chunk],
-                              VIDEO_MAX_NEW_TOKENS, videos=[it.frames for it in chunk])
-        per_kind = {}
-        for it, p in zip(items, preds):
-            per_kind.setdefault(it.kind, []).append(p == it.answer)
-        metrics["video_accuracy"] = sum(sum(v) for v in per_kind.values()) / len(items)
-        metrics["video_accuracy_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
+        preds = _answers(model, processor, items, [it.question for it in items], batch_size // 2,
+                         VIDEO_MAX_NEW_TOKENS, media="video")
+        metrics["video_accuracy"], metrics["video_accuracy_per_kind"] = _accuracy(items, preds)
     return metrics
 
 
