@@ -185,3 +185,15 @@ def test_shipped_checkpoint_accepts_video(shipped):
                        return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[0] == 2 and out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_trainer_cli_sets_architecture():
+    from mmprune_exp.tiny.build import build_config
+    from mmprune_exp.tiny.train import parse_args
+
+    args = parse_args(["--out", "x", "--text-hidden", "256", "--text-heads", "4", "--mrope-section", "8,12,12"])
+    assert args.arch.text_hidden == 256 and args.arch.mrope_section == [8, 12, 12]
+    # Rotary sections that do not cover the head dimension are refused when the config is built.
+    bad = parse_args(["--out", "x", "--text-hidden", "256", "--text-heads", "4"])
+    with pytest.raises(ValueError, match="mrope_section"):
+        build_config(build_tokenizer(), bad.arch)

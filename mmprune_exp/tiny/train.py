@@ -873,12 +873,15 @@ def parse_args(argv=None) -> TrainArgs:
     p.add_argument("--vision-depth", type=int, default=a.vision_depth)
     p.add_argument("--vision-intermediate", type=int, default=a.vision_intermediate)
     p.add_argument("--init-std", type=float, default=a.init_std)
+    p.add_argument("--mrope-section", default=",".join(map(str, a.mrope_section)),
+                   help="rotary sections (temporal,height,width), summing to head_dim/2")
     p.add_argument("--notes", default="", help="free text stored in training_report.json")
     ns = p.parse_args(argv)
     arch = TinyArch(text_hidden=ns.text_hidden, text_layers=ns.text_layers, text_intermediate=ns.text_intermediate,
                     text_heads=ns.text_heads, text_kv_heads=ns.text_kv_heads,
                     vision_hidden=ns.vision_hidden, vision_depth=ns.vision_depth,
-                    vision_intermediate=ns.vision_intermediate, init_std=ns.init_std)
+                    vision_intermediate=ns.vision_intermediate, init_std=ns.init_std,
+                    mrope_section=[int(v) for v in ns.mrope_section.split(",")])
     return TrainArgs(out=ns.out, seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                      vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
                      readout_weight=ns.readout_weight, count_heads=ns.count_heads,
