@@ -191,8 +191,9 @@ def test_trainer_cli_sets_architecture():
     from mmprune_exp.tiny.build import build_config
     from mmprune_exp.tiny.train import parse_args
 
-    args = parse_args(["--out", "x", "--text-hidden", "256", "--text-heads", "4", "--mrope-section", "8,12,12"])
-    assert args.arch.text_hidden == 256 and args.arch.mrope_section == [8, 12, 12]
+    args = parse_args(["--out", "x", "--text-hidden", "256", "--text-heads", "4", "--mrope-section", "8,12,12",
+                       "--weight-decay", "0.5"])
+    assert args.arch.text_hidden == 256 and args.arch.mrope_section == [8, 12, 12] and args.weight_decay == 0.5
     # Rotary sections that do not cover the head dimension are refused when the config is built.
     bad = parse_args(["--out", "x", "--text-hidden", "256", "--text-heads", "4"])
     with pytest.raises(ValueError, match="mrope_section"):

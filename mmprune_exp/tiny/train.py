@@ -853,6 +853,7 @@ def parse_args(argv=None) -> TrainArgs:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult)
     p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument("--guide-weight", type=float, default=d.guide_weight)
     p.add_argument("--readout-weight", type=float, default=d.readout_weight)
@@ -883,7 +884,7 @@ def parse_args(argv=None) -> TrainArgs:
                     vision_intermediate=ns.vision_intermediate, init_std=ns.init_std,
                     mrope_section=[int(v) for v in ns.mrope_section.split(",")])
     return TrainArgs(out=ns.out, seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
-                     vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
+                     vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, weight_decay=ns.weight_decay, aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
                      readout_weight=ns.readout_weight, count_heads=ns.count_heads,
                       grounding_every=ns.grounding_every,
                      video_every=ns.video_every, threads=ns.threads, probe_every=ns.probe_every,
