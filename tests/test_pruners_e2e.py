@@ -49,22 +49,24 @@ def test_dense_baseline_is_strong_and_shared(sweep):
 
 
 def test_recovery_at_50_percent(sweep):
-    """Measured on the shipped checkpoint (100 held-out questions, dense 0.99): magnitude 0.90, Wanda 0.88,
-    SparseGPT 0.88.
+    """Measured on the shipped checkpoint (100 held-out questions, dense 1.0): magnitude 0.90, Wanda 0.84,
+    SparseGPT 0.96. On 400 questions (``bench/recovery_diagnosis.py``): magnitude 0.899, Wanda 0.873,
+    SparseGPT 0.980.
 
-    The weight-pruning issue aims at >= 0.95 for Wanda and SparseGPT, and at least magnitude's; on this
-    1.9M-parameter model neither is reached. ``bench/recovery_diagnosis.py`` shows where the loss is: all of it
-    in the count questions (colour, shape and position stay at 0.98-1.0 for every method), and every wrong count
-    is too low. The heads that count (layer 1 and 2, heads 2 and 3) read the count from the attention mass on
-    the matching image tokens; pruning their query/key projections flattens that attention (mass at 4 objects
-    0.58 dense, 0.48 after SparseGPT, the dense mass at 3 objects), so the answer drops by one. Tried and not
-    shipped (trainer options kept): two more counting heads (--count-heads 1:2,2:2,1:3,2:3; SparseGPT 0.944
-    recovery, Wanda 0.85), a 256-wide text model (25 min to train, AP50 0.50; on 400 questions SparseGPT 0.982, Wanda 0.917,
-    magnitude 0.904),
-    weight decay 0.5 (SparseGPT 0.926, Wanda 0.868). Asserted here: every method keeps most of the accuracy at
-    the sparsity it was asked for.
+    The weight-pruning issue aims at >= 0.95 for Wanda and SparseGPT, and at least magnitude's. SparseGPT reaches
+    it; Wanda does not, on this 1.9M-parameter model. All of Wanda's loss is in the count questions, and every
+    wrong count is too low: the heads that count (layers 1 and 2) read the number from their attention mass on
+    the matching image tokens, and a mask without a weight update flattens that attention (head 1.2 at four
+    objects: 0.58 dense, 0.48 after Wanda, the dense mass at three objects). SparseGPT's update makes up for it
+    (0.55).
+    Wanda's advantage over magnitude comes from the large input features of big LLMs, which a model this size
+    does not have. Tried for Wanda and not shipped (trainer options kept): two more counting heads
+    (--count-heads 1:2,2:2,1:3,2:3: Wanda 0.85), a 256-wide text model (25 min, AP50 0.50: Wanda 0.917),
+    weight decay 0.5 (Wanda 0.868). Asserted here: SparseGPT's target, and that every method keeps most of the
+    accuracy at the sparsity it was asked for.
     """
     recovery = {m: sweep[(m, "s50")]["recovery"] for m in ("magnitude", "wanda", "sparsegpt")}
+    assert recovery["sparsegpt"] >= 0.95 and recovery["sparsegpt"] >= recovery["magnitude"], recovery
     assert all(r >= 0.7 for r in recovery.values()), recovery
     assert all(abs(sweep[(m, "s50")]["sparsity"] - 0.5) < 0.01 for m in recovery)
 
