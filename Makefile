@@ -35,7 +35,7 @@ test-full: install ## All tests, slow ones included
 lint: install ## ruff on the package, tests and benchmarks
 	$(VENV)/bin/ruff check --line-length 120 mmprune_exp tests bench run.py
 
-tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~18 min on 2 CPU cores)
+tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~20 min on 2 CPU cores)
 	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
 
 clean: ## Remove caches and outputs (keeps .venv)
