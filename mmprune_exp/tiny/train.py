@@ -887,7 +887,8 @@ def parse_args(argv=None) -> TrainArgs:
                     vision_intermediate=ns.vision_intermediate, init_std=ns.init_std,
                     mrope_section=[int(v) for v in ns.mrope_section.split(",")])
     return TrainArgs(out=ns.out, seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
-                     vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, weight_decay=ns.weight_decay, aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
+                     vision_lr_mult=ns.vision_lr_mult, warmup=ns.warmup, weight_decay=ns.weight_decay,
+                     aux_weight=ns.aux_weight, guide_weight=ns.guide_weight,
                      readout_weight=ns.readout_weight, count_heads=ns.count_heads,
                       grounding_every=ns.grounding_every,
                      video_every=ns.video_every, threads=ns.threads, probe_every=ns.probe_every,
