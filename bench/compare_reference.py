@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mmprune_exp.calibration import build_calibration
-from mmprune_exp.config.schema import CalibrationConfig, ModelConfig, PrunerConfig, SparseGPTConfig, SparsityConfig
+from mmprune_exp.config.schema import SCHEMAS, CalibrationConfig, ModelConfig, PrunerConfig, SparsityConfig
 from mmprune_exp.models import load_adapter
 from mmprune_exp.pruners import build_pruner
 from mmprune_exp.pruners.engine import SequentialEngine, collect_layer_inputs
@@ -100,7 +100,7 @@ def answer_perplexity(model, processor, n: int) -> float:
 def compare(args, method: str, apply: str, WrappedGPT, RefSparseGPT) -> dict:
     adapter = load_adapter(ModelConfig(path=args.model, device=args.device))
     sparsity = args.sparsity_cfg
-    cfg = SparseGPTConfig(name=method) if method == "sparsegpt" else PrunerConfig(name=method)
+    cfg = SCHEMAS["pruner"].get(method, PrunerConfig)(name=method)
     pruner = build_pruner(cfg, sparsity)
     calibration = build_calibration(CalibrationConfig(name="shapes", nsamples=args.nsamples, seed=args.seed))
     engine = SequentialEngine(adapter, pruner.targets(adapter))

@@ -54,7 +54,7 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from mmprune_exp.config.schema import ModelConfig, PrunerConfig, SparseGPTConfig, SparsityConfig
+    from mmprune_exp.config.schema import SCHEMAS, ModelConfig, PrunerConfig, SparsityConfig
     from mmprune_exp.models import load_adapter
     from mmprune_exp.models.base import Request
     from mmprune_exp.pruners import build_pruner
@@ -82,7 +82,7 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
     if base == "plain":
         SequentialEngine(adapter, {}).run(inputs, RowScaler, lambda *a: False, desc="plain")
     else:
-        cfg = SparseGPTConfig(name="sparsegpt") if base == "sparsegpt" else PrunerConfig(name=base)
+        cfg = SCHEMAS["pruner"].get(base, PrunerConfig)(name=base)
         pruner = build_pruner(cfg, SparsityConfig(name="s50", value=0.5))
         engine = SequentialEngine(adapter, pruner.targets(adapter))
         engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base)

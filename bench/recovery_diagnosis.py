@@ -27,21 +27,13 @@ from pathlib import Path
 import torch
 
 from mmprune_exp.calibration import build_calibration
-from mmprune_exp.config.schema import (
-    CalibrationConfig,
-    ModelConfig,
-    OWLConfig,
-    PrunerConfig,
-    SparseGPTConfig,
-    SparsityConfig,
-)
+from mmprune_exp.config.schema import SCHEMAS, CalibrationConfig, ModelConfig, PrunerConfig, SparsityConfig
 from mmprune_exp.data import scenes
 from mmprune_exp.models import load_adapter
 from mmprune_exp.models.base import Request
 from mmprune_exp.pruners import build_pruner
 from mmprune_exp.tiny import TINY_MODEL_DIR
 
-PRUNER_CONFIGS = {"sparsegpt": SparseGPTConfig, "owl": OWLConfig}
 BATCH = 50
 
 
@@ -122,7 +114,7 @@ def main() -> None:
     results = {"dense": measure(adapter, items)}
     for method in args.methods.split(","):
         adapter.model.load_state_dict(dense_state)
-        pruner = build_pruner(PRUNER_CONFIGS.get(method, PrunerConfig)(name=method), SparsityConfig(value=args.sparsity))
+        pruner = build_pruner(SCHEMAS["pruner"].get(method, PrunerConfig)(name=method), SparsityConfig(value=args.sparsity))
         pruner.prune(adapter, calibration)
         results[method] = measure(adapter, items)
 
