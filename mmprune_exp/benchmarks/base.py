@@ -14,10 +14,11 @@ from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
 from mmprune_exp.models.base import Request
+from mmprune_exp.errors import DataError
 from mmprune_exp.registry import Registry
 
 
-class BenchmarkDataError(FileNotFoundError):
+class BenchmarkDataError(DataError, FileNotFoundError):
     """A benchmark's data files are missing or unreadable; the message names ``benchmark.path``."""
 
 

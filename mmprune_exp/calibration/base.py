@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from mmprune_exp.config.schema import CalibrationConfig
 from mmprune_exp.models.base import Request
+from mmprune_exp.errors import DataError
 from mmprune_exp.registry import Registry
 
 
-class CalibrationError(ValueError):
+class CalibrationError(DataError):
     """Bad calibration data; the message names the file and the record index."""
 
 

@@ -18,10 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mmprune_exp import ASSETS_DIR
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key (``group.field``) and what is allowed."""
+from mmprune_exp.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 class _FieldError(ValueError):

@@ -11,11 +11,8 @@ from PIL import Image
 from torch import nn
 
 from mmprune_exp.config.schema import ModelConfig
+from mmprune_exp.errors import ModelLoadError  # noqa: F401  (re-exported)
 from mmprune_exp.registry import Registry
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint could not be loaded; the message says which path/key to fix."""
 
 
 @dataclass
