@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
+from mmprune_exp.errors import DataError, where
 from mmprune_exp.models.base import Request
-from mmprune_exp.errors import DataError
 from mmprune_exp.registry import Registry
 
 
@@ -51,11 +51,37 @@ class Benchmark(ABC):
         """Metrics over sample rows; ``score`` is the headline number that recovery is computed from."""
 
     def records(self) -> list[Record]:
-        return self.load_records(self.cfg.limit)
+        """``load_records(cfg.limit)``, checked: at least one record, and no id twice.
+
+        ``evaluation.py`` keys ``samples.jsonl`` rows by ``Record.id``, so a repeated id would let one row
+        silently replace another.
+        """
+        records = self.load_records(self.cfg.limit)
+        source = f"benchmark {self.name!r}"
+        path = getattr(self.cfg, "path", None)
+        if path:
+            source += f" (benchmark.path={str(path)!r})"
+        if not records:
+            raise BenchmarkDataError(f"{source}: no records to evaluate (the data holds none that can be used)")
+        check_unique_ids(((i, r.id) for i, r in enumerate(records)), source, "id")
+        return records
 
     def write_tables(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         """Write the benchmark's own result files (e.g. per-subject tables) into ``out_dir``; default: none."""
         return []
+
+
+def check_unique_ids(indexed_ids, path, key: str, error: type[DataError] = BenchmarkDataError) -> None:
+    """Raise ``error`` naming ``path``, the id and both record indices when an id repeats.
+
+    ``indexed_ids``: ``(index, id)`` pairs; ``index`` may be any label of the record (e.g. ``"4 (line 5)"``).
+    """
+    seen: dict = {}
+    for index, rid in indexed_ids:
+        if rid in seen:
+            raise error(f"{where(path, index, rid, key)}: duplicate id, record {seen[rid]} has the same one "
+                        "(ids must be unique: a later record would replace the earlier)")  # fmt: skip
+        seen[rid] = index
 
 
 BENCHMARKS = Registry("benchmark.name")

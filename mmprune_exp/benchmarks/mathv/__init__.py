@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import logging
+import numbers
 import re
 import sys
 from collections import Counter, defaultdict
@@ -32,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, register_benchmark
+from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, check_unique_ids, register_benchmark
 from mmprune_exp.benchmarks.image_files import ImageSource, LazyImageRequest
 from mmprune_exp.benchmarks.mathv.answers import EqualityJudge, extract_answer
 from mmprune_exp.config.schema import MathVConfig
+from mmprune_exp.errors import USER_ERROR_EXIT, DataError, UserError, where
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class MathVProblem:
     subject: str
     image_ref: str | None  # as written in the data ("images/12.jpg")
     image: ImageSource | None = None  # resolved file (or encoded bytes); None when not found
+    origin: str = ""  # where the record is ("data/test.jsonl:4, record 3 (id='4')"), for messages
 
     @property
     def option_answer(self) -> str:
@@ -66,47 +69,112 @@ class MathVProblem:
 # -- data ---------------------------------------------------------------------------------------------
 
 
-def _problem(raw: dict[str, Any]) -> MathVProblem:
+_SCALAR = (str, int, float)  # what str() may turn into an id/answer (the official scorer does str(answer))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _problem(raw: Any, at: str) -> MathVProblem:
+    """A checked record; ``at`` locates it (``file:line, record N``) in error messages."""
+    if not isinstance(raw, dict):
+        raise BenchmarkDataError(f"{at}: expected a JSON object (a MATH-V record), got {type(raw).__name__}")
+    rid = raw.get("id")
+    here = f"{at} (id={str(rid)!r})" if isinstance(rid, _SCALAR) and not isinstance(rid, bool) else at
+
+    def bad(key: str, problem: str) -> BenchmarkDataError:
+        return BenchmarkDataError(f"{here}, key {key!r}: {problem}")
+
+    for key in ("id", "answer", "level", "subject"):
+        if key not in raw or raw[key] is None:
+            raise bad(key, "missing (every MATH-V record needs id, answer, level and subject)")
+    for key in ("id", "answer"):
+        if not isinstance(raw[key], _SCALAR) or isinstance(raw[key], bool):
+            raise bad(key, f"expected a string, got {type(raw[key]).__name__} {raw[key]!r:.80}")
+    if str(raw["id"]).strip() == "":
+        raise bad("id", "empty")
+    level = raw["level"]
+    if isinstance(level, str) and level.strip().isdigit():
+        level = int(level)
+    if not _is_int(level):
+        raise bad("level", f"expected an integer (1-5), got {type(level).__name__} {level!r:.80}")
+    if not isinstance(raw["subject"], str):
+        raise bad("subject", f"expected a string, got {type(raw['subject']).__name__}")
+    question = raw.get("question")
+    if question is not None and not isinstance(question, str):
+        raise bad("question", f"expected a string, got {type(question).__name__}")
     options = raw.get("options")
-    options = [str(o) for o in options] if options is not None else []
+    if options is None:
+        options = []
+    elif isinstance(options, (str, dict)) or not hasattr(options, "__iter__"):
+        raise bad("options", f"expected a list of strings, got {type(options).__name__} {options!r:.80}")
+    else:  # a list (JSON) or an array (parquet)
+        options = list(options)
+        for k, option in enumerate(options):
+            if not isinstance(option, _SCALAR) or isinstance(option, bool):
+                raise bad("options", f"option {k} is {type(option).__name__} {option!r:.80}, expected a string")
+    image = raw.get("image")
+    if image is not None and not isinstance(image, str):
+        raise bad("image", f"expected a path string such as 'images/1.jpg', got {type(image).__name__} {image!r:.80}")
     return MathVProblem(
         id=str(raw["id"]),
-        question=str(raw.get("question") or ""),
-        options=options,
+        question=question or "",
+        options=[str(o) for o in options],
         answer=str(raw["answer"]),  # official: gt_answer = str(answer)
-        level=int(raw["level"]),
-        subject=str(raw["subject"]),
-        image_ref=raw.get("image"),
+        level=int(level),
+        subject=raw["subject"],
+        image_ref=image,
+        origin=here,
     )
 
 
+def _check_problems(problems: list[tuple[str, MathVProblem]], source: str | Path) -> None:
+    """At least one problem, no id twice; ``problems`` pairs each with its location label."""
+    if not problems:
+        raise BenchmarkDataError(f"{source}: no MATH-V records (the file is empty)")
+    check_unique_ids(((label, p.id) for label, p in problems), source, "id")
+
+
 def read_jsonl_problems(path: Path) -> list[MathVProblem]:
-    problems = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                problems.append(_problem(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise BenchmarkDataError(f"{path}:{n}: not a MATH-V record ({err})") from err
-    return problems
+    located = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                at = where(f"{path}:{n}", len(located))
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise BenchmarkDataError(f"{at}: not valid JSON ({err})") from err
+                located.append((f"{len(located)} (line {n})", _problem(raw, at)))
+    except UnicodeDecodeError as err:
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise BenchmarkDataError(f"{path}: cannot be read ({err})") from err
+    _check_problems(located, path)
+    return [p for _, p in located]
 
 
 def read_parquet_problems(files: list[Path]) -> list[MathVProblem]:
     """Records of the HF dataset ``MathLLMs/MathVision`` (images embedded as ``decoded_image.bytes``)."""
     import pandas as pd
 
-    problems = []
+    located = []
     for file in files:
-        frame = pd.read_parquet(file)
-        for raw in frame.to_dict("records"):
-            problem = _problem(raw)
+        try:
+            frame = pd.read_parquet(file)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise BenchmarkDataError(f"{file}: not a readable parquet file ({type(err).__name__}: {err})") from err
+        for index, raw in enumerate(frame.to_dict("records")):
+            problem = _problem(raw, where(file, index))
             encoded = raw.get("decoded_image")
             if isinstance(encoded, dict) and encoded.get("bytes"):
                 problem.image = bytes(encoded["bytes"])
-            problems.append(problem)
-    return problems
+            located.append((f"{index} of {file.name}", problem))
+    _check_problems(located, files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} parquet files)")
+    return [p for _, p in located]
 
 
 def _find_image(ref: str | None, roots: list[Path]) -> Path | None:
@@ -117,6 +185,13 @@ def _find_image(ref: str | None, roots: list[Path]) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def _missing_image(problem: MathVProblem) -> str:
+    if problem.image_ref is None:
+        return f"{problem.origin}, key 'image': missing (one image per problem is expected)"
+    return (f"{problem.origin}, key 'image': {problem.image_ref!r} is not a file under the data file's folder, its "
+            "parent or their images/")  # fmt: skip
 
 
 def load_problems(path: str | Path, split: str = "test") -> list[MathVProblem]:
@@ -263,12 +338,19 @@ class MathV(Benchmark):
                 "(a checkout with data/test.jsonl, data/testmini.jsonl and images/) or a local copy of the HF "
                 "dataset MathLLMs/MathVision."
             )
-        self.problems = {p.id: p for p in load_problems(cfg.path, cfg.split)}
-        self.missing_images = [p.id for p in self.problems.values() if p.image is None]
-        if self.missing_images:
+        problems = load_problems(cfg.path, cfg.split)  # checked: not empty, ids unique
+        self.problems = {p.id: p for p in problems}
+        missing = [p for p in problems if p.image is None]
+        self.missing_images = [p.id for p in missing]
+        if len(missing) == len(problems):
+            raise BenchmarkDataError(
+                f"benchmark.path={str(cfg.path)!r}: none of the {len(problems)} MATH-V problems has its image file; "
+                f"the first: {_missing_image(missing[0])}"
+            )
+        if missing:
             log.warning(
-                "%s: %d problems have no image under benchmark.path=%s and are skipped: %s",
-                self.name, len(self.missing_images), cfg.path, ", ".join(self.missing_images[:20]),
+                "%s: %d problems have no image under benchmark.path=%s and are skipped: %s (first: %s)",
+                self.name, len(missing), cfg.path, ", ".join(self.missing_images[:20]), _missing_image(missing[0]),
             )  # fmt: skip
         self._judge: EqualityJudge | None = None
 
@@ -283,7 +365,7 @@ class MathV(Benchmark):
         for problem in self.problems.values():
             if problem.image is None:
                 continue
-            request = LazyImageRequest(render_prompt(problem, self.cfg.prompt), [problem.image])
+            request = LazyImageRequest(render_prompt(problem, self.cfg.prompt), [problem.image], problem.origin)
             fields = {"subject": problem.subject, "level": problem.level, "options": problem.options}
             records.append(Record(problem.id, request, problem.answer, fields))
             if limit is not None and len(records) >= limit:
@@ -386,16 +468,40 @@ def score_responses(
     return ScoreReport(official_result_dict(entries), scored, unknown, nulls, timeouts)
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def read_response_lines(path: Path) -> list[dict[str, Any]]:
+    """The lines of an output file, each checked: a JSON object with an ``id`` and a ``response`` (string or null)."""
+    if not path.is_file():
+        raise DataError(f"--responses {path}: no such file")
     lines = []
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({err})") from err
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                at = where(f"{path}:{n}", len(lines))
+                try:
+                    line = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{at}: not valid JSON ({err})") from err
+                if not isinstance(line, dict):
+                    raise DataError(f'{at}: expected a JSON object {{"id": ..., "response": ...}}, got '
+                                    f"{type(line).__name__}")  # fmt: skip
+                pid = line.get("id")
+                if pid is None or isinstance(pid, bool) or not isinstance(pid, _SCALAR):
+                    raise DataError(f"{where(f'{path}:{n}', len(lines), key='id')}: "
+                                    + ("missing" if pid is None else f"expected a string, got {type(pid).__name__}"))
+                here = where(f"{path}:{n}", len(lines), str(pid), "response")
+                if "response" not in line:
+                    raise DataError(f"{here}: missing (use null for no answer)")
+                if line["response"] is not None and not isinstance(line["response"], str):
+                    raise DataError(f"{here}: expected a string or null, got {type(line['response']).__name__}")
+                lines.append(line)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err})") from err
+    if not lines:
+        raise DataError(f"--responses {path}: no lines to score (the file is empty)")
     return lines
 
 
@@ -403,10 +509,9 @@ def _score_command(args: argparse.Namespace) -> int:
     try:
         problems = {p.id: p for p in load_problems(args.data, args.split)}
     except BenchmarkDataError as err:
-        print(f"error: {err}".replace("benchmark.path", "--data"), file=sys.stderr)
-        return 2
+        raise BenchmarkDataError(str(err).replace("benchmark.path", "--data")) from err
     responses = Path(args.responses)
-    report = score_responses(problems, _read_lines(responses), timeout_s=args.timeout)
+    report = score_responses(problems, read_response_lines(responses), timeout_s=args.timeout)
     out_dir = Path(args.out_dir) if args.out_dir else responses.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = responses.name[: -len(".jsonl")] if responses.name.endswith(".jsonl") else responses.stem
@@ -427,6 +532,12 @@ def _score_command(args: argparse.Namespace) -> int:
     return 0 if report.lines else 1
 
 
+def report_user_error(err: UserError) -> int:
+    """Print ``err`` as one ``error:`` line on stderr; the exit code for it."""
+    print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    return USER_ERROR_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmprune_exp.benchmarks.mathv", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -437,5 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--out-dir", default=None, help="where to write the results (default: beside --responses)")
     score.add_argument("--timeout", type=float, default=10.0, help="seconds per answer comparison (default 10)")
     args = parser.parse_args(argv)
-    return _score_command(args)
+    try:
+        return _score_command(args)
+    except UserError as err:  # bad input: one line, no traceback; anything else is a bug and keeps its traceback
+        return report_user_error(err)
 
