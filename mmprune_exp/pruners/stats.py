@@ -39,6 +39,11 @@ class Hessian:
     (inputs are buffered up to ``flush_tokens`` rows) and only for the blocks on and above the diagonal
     (``H`` is symmetric; the lower half is mirrored when ``H`` is read). The result equals the reference's
     running form up to float rounding (about 1e-7 relative).
+
+    ``H`` is exactly symmetric by construction: besides the mirrored off-diagonal blocks, the lower triangle
+    of each diagonal block is overwritten with its upper one. A diagonal block comes out of ``addmm_``, and
+    a BLAS may sum ``x_i x_j`` and ``x_j x_i`` in different orders (different kernels or tiles for the two
+    halves), so its raw result is symmetric only up to rounding on some CPUs.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", flush_tokens: int = 4096, block: int = 2048):
@@ -79,6 +84,9 @@ class Hessian:
             for i, (a0, a1) in enumerate(self._blocks):  # mirror the upper blocks into the lower ones
                 for b0, b1 in self._blocks[i + 1 :]:
                     self.S[b0:b1, a0:a1] = self.S[a0:a1, b0:b1].T
+                diag = self.S[a0:a1, a0:a1]  # and the upper triangle of the diagonal block into its lower one
+                upper = torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=diag.device).triu_()
+                diag.copy_(torch.where(upper, diag, diag.T))  # a selection, no arithmetic: exact
             self._H = self.S.mul_(2 / max(self.n, 1))
             self.S = None
         return self._H
