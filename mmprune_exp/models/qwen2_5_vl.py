@@ -43,8 +43,35 @@ def _checkpoint_names(name: str) -> list[str]:
     return [name]
 
 
+def chat_prompt(processor, request: Request) -> str:
+    """The text the model sees for ``request``: the processor's chat template, media placeholders before the text.
+
+    The one prompt builder of this model family: the adapter uses it, and so does the tiny model's trainer
+    (which has a processor but no adapter while it builds training batches).
+    """
+    if request.raw:
+        return request.text
+    content = [{"type": "image"} for _ in request.images]
+    content += [{"type": "video"} for _ in request.videos]
+    content.append({"type": "text", "text": request.text})
+    messages = [{"role": "user", "content": content}]
+    if request.answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": request.answer}]})
+    for user, assistant in request.turns:
+        messages.append({"role": "user", "content": [{"type": "text", "text": user}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    if len(messages) == 1:  # a prompt: end with the assistant header so the model answers next
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # A conversation: every turn closed, nothing left open.
+    return processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False).rstrip("\n")
+
+
 @register_adapter("qwen2_5_vl")
 class Qwen25VLAdapter(ModelAdapter):
+    model_parts = ("language", "vision", "merger", "lm_head")
+    decoder_linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    decoder_prefix = "model.language_model.layers"
+
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -87,13 +114,27 @@ class Qwen25VLAdapter(ModelAdapter):
                 ).to(self.device)
         except OSError as err:
             raise ModelLoadError(_offline_hint(path) if not _looks_local(path) else str(err)) from err
+        self._finish_setup()
+
+    @classmethod
+    def from_loaded(cls, model: nn.Module, processor, device: torch.device | str | None = None) -> Qwen25VLAdapter:
+        """Wrap a model and processor that are already in memory (e.g. the tiny model's trainer evaluating
+        what it just trained). ``cfg`` is ``None``: nothing was loaded from a config. ``device`` defaults
+        to where the model's parameters are; the model is not moved."""
+        self = cls.__new__(cls)
+        self.cfg = None
+        self.model, self.processor, self.layer_streamer = model, processor, None
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._finish_setup()
+        return self
+
+    def _finish_setup(self) -> None:
         self.model.eval()
         # Batched greedy generation needs the prompts aligned at the right edge.
         self.processor.tokenizer.padding_side = "left"
         self.tokenizer = self.processor.tokenizer
-        self.visual_token_ids = torch.tensor(
-            [hf_config.image_token_id, hf_config.video_token_id], device=self.device
-        )
+        config = self.model.config
+        self.visual_token_ids = torch.tensor([config.image_token_id, config.video_token_id], device=self.device)
 
     def _load_streamed(self, path: str, hf_config, local_only: bool):
         """Build the model with decoder layers on ``meta`` and everything else loaded (``model.offload=disk``)."""
@@ -112,13 +153,13 @@ class Qwen25VLAdapter(ModelAdapter):
         text, vision = model.model.language_model, model.model.visual
         text.rotary_emb = type(text.rotary_emb)(config=text.config).to(self.device)
         vision.rotary_pos_emb = type(vision.rotary_pos_emb)(vision.config).to(self.device)
-        self.layer_streamer = LayerStreamer(model, "model.language_model.layers", Path(path), _checkpoint_names, dtype)
+        self.layer_streamer = LayerStreamer(model, self.decoder_prefix, Path(path), _checkpoint_names, dtype)
         self.layer_streamer.load_non_layer_weights(self.device)
         if model.config.get_text_config().tie_word_embeddings:
             model.lm_head.weight = text.embed_tokens.weight
         missing = [
             n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_meta and not n.startswith("model.language_model.layers.")
+            if t.is_meta and not n.startswith(self.decoder_prefix + ".")
         ]  # fmt: skip
         if missing:
             raise ModelLoadError(f"model.offload=disk: {len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
@@ -131,21 +172,7 @@ class Qwen25VLAdapter(ModelAdapter):
 
     # -- prompts -----------------------------------------------------------------------------------
     def build_prompt(self, request: Request) -> str:
-        if request.raw:
-            return request.text
-        content = [{"type": "image"} for _ in request.images]
-        content += [{"type": "video"} for _ in request.videos]
-        content.append({"type": "text", "text": request.text})
-        messages = [{"role": "user", "content": content}]
-        if request.answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": request.answer}]})
-        for user, assistant in request.turns:
-            messages.append({"role": "user", "content": [{"type": "text", "text": user}]})
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
-        if len(messages) == 1:  # a prompt: end with the assistant header so the model answers next
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # A conversation: every turn closed, nothing left open.
-        return self.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False).rstrip("\n")
+        return chat_prompt(self.processor, request)
 
     def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         images = [img for r in requests for img in r.images]
@@ -182,7 +209,7 @@ class Qwen25VLAdapter(ModelAdapter):
     def target_linears(self, scope: list[str], modules: list[str]) -> dict[str, nn.Linear]:
         found: dict[str, nn.Linear] = {}
         parts = {
-            "language": ("model.language_model.layers", lambda name: name.split(".")[-1] in modules),
+            "language": (self.decoder_prefix, lambda name: name.split(".")[-1] in modules),
             "vision": ("model.visual.blocks", lambda name: True),
             "merger": ("model.visual.merger", lambda name: True),
         }
@@ -213,7 +240,7 @@ class Qwen25VLAdapter(ModelAdapter):
         for name in names:
             parent, _, leaf = name.rpartition(".")
             shared = next((i for i, members in enumerate(self._SHARED_INPUTS) if leaf in members), None)
-            key = (parent, shared) if shared is not None and "language_model" in name else (name,)
+            key = (parent, shared) if shared is not None and self.decoder_layer_of(name) is not None else (name,)
             groups.setdefault(key, []).append(name)
         return list(groups.values())
 

@@ -12,9 +12,11 @@ of the step (item ``i`` of a split is a pure function of ``i``), ``torch.use_det
 and the thread count is fixed, so the same seed (and thread count, and library versions) gives bit-identical
 weights.
 
-Prompts are built exactly like the evaluation adapter builds them: the processor's chat template with one
-image and the question, ``add_generation_prompt=True``, left padding. The loss covers only the answer tokens
-and the closing ``<|im_end|>``.
+Prompts come from the evaluation adapter's prompt builder (``models.qwen2_5_vl.chat_prompt``: the processor's
+chat template with one image and the question, ``add_generation_prompt=True``), left padded. The loss covers
+only the answer tokens and the closing ``<|im_end|>``. The final evaluation generates through the adapter
+(``Qwen25VLAdapter.from_loaded``) and scores with the shapes_vqa / shapes_grounding benchmarks, so the report
+holds the numbers ``run.py`` would report for the dense model on the same items.
 
 Recipe. Trained from scratch with the plain answer loss alone, the model fits the answer priors of each
 question type and ignores the image (still so after 600 steps). What makes ~1,800 CPU steps enough are
@@ -38,7 +40,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -54,7 +55,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
+from ..benchmarks.base import Record
+from ..benchmarks.shapes import ShapesGrounding, ShapesVQA
+from ..config.schema import BenchmarkConfig
 from ..data import scenes
+from ..models.base import Request
+from ..models.qwen2_5_vl import Qwen25VLAdapter, chat_prompt
 from .build import TinyArch, build_config, build_model, build_processor
 from .tokenizer import BOX_OPEN, IM_END, NUMBER_WORDS
 
@@ -63,14 +69,6 @@ VIDEO_MAX_NEW_TOKENS = 8
 # Three boxes take ~55 tokens; the slack keeps the output of a model that over-predicts (e.g. a pruned one)
 # parseable instead of truncated.
 GROUNDING_MAX_NEW_TOKENS = 150
-
-
-def user_message(text: str, media: str = "image") -> list[dict]:
-    return [{"role": "user", "content": [{"type": media}, {"type": "text", "text": text}]}]
-
-
-def build_prompt(processor, text: str, media: str = "image") -> str:
-    return processor.apply_chat_template(user_message(text, media), add_generation_prompt=True, tokenize=False)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -513,124 +511,71 @@ def batch_loss(model, batch: Batch, aux: AuxHead | None = None, aux_weight: floa
 
 
 def vqa_batch(processor, items: list[scenes.VQAItem]) -> Batch:
-    prompts = [build_prompt(processor, it.question) for it in items]
+    prompts = [chat_prompt(processor, Request(it.question, images=[it.image])) for it in items]
     return make_batch(processor, prompts, [it.answer for it in items], images=[it.image for it in items],
                       objects=[it.objects for it in items], refs=[it.refs for it in items],
                       kinds=[it.kind for it in items])
 
 
 def grounding_batch(processor, items: list[scenes.GroundingItem]) -> Batch:
-    prompts = [build_prompt(processor, it.prompt) for it in items]
+    prompts = [chat_prompt(processor, Request(it.prompt, images=[it.image])) for it in items]
     targets = [scenes.reading_order([o for o in it.objects if o.label == it.label]) for it in items]
     return make_batch(processor, prompts, [it.answer for it in items], images=[it.image for it in items],
                       objects=[it.objects for it in items], refs=targets, kinds=["grounding"] * len(items))
 
 
 def video_batch(processor, items: list[scenes.VideoItem]) -> Batch:
-    prompts = [build_prompt(processor, it.question, media="video") for it in items]
+    prompts = [chat_prompt(processor, Request(it.question, videos=[it.frames])) for it in items]
     return make_batch(processor, prompts, [it.answer for it in items], videos=[it.frames for it in items])
 
 
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def generate(model, processor, prompts: list[str], max_new_tokens: int, images=None, videos=None) -> list[str]:
-    """Greedy decoding exactly as the evaluation adapter does it."""
-    kwargs = {"images": images} if images is not None else {"videos": videos}
-    inputs = processor(text=prompts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+def _scored_rows(adapter: Qwen25VLAdapter, bench: ShapesVQA | ShapesGrounding, records: list[Record],
+                 batch_size: int, max_new_tokens: int) -> list[dict]:
+    """Greedy responses to ``records``, ``batch_size`` at a time, each scored by ``bench`` into a row like
+    those of a run's samples.jsonl (what ``bench.aggregate`` takes)."""
+    rows: list[dict] = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        responses = adapter.generate([r.request for r in chunk], max_new_tokens)
+        rows += [{"response": response, "target": r.target, **r.fields, **bench.score(r, response)}
+                 for r, response in zip(chunk, responses)]
+    return rows
 
 
-_BOX_RE = re.compile(
-    r'"bbox_2d"\s*:\s*\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]'
-)
-
-
-def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
-    """Every ``"bbox_2d": [x1, y1, x2, y2]`` in the output (lenient: works on truncated JSON too)."""
-    return [tuple(float(v) for v in m.groups()) for m in _BOX_RE.finditer(text)]
-
-
-def coco_ap50(gt: list[list[tuple]], pred: list[list[tuple]]) -> float:
-    """COCO AP at IoU 0.5 (all areas) of predicted boxes (score 1.0) against ground truth, one image per item."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    images, anns, dets = [], [], []
-    for img_id, (g_boxes, p_boxes) in enumerate(zip(gt, pred), start=1):
-        images.append({"id": img_id, "width": scenes.IMAGE_SIZE, "height": scenes.IMAGE_SIZE})
-        for x1, y1, x2, y2 in g_boxes:
-            w, h = x2 - x1, y2 - y1
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": 1, "bbox": [x1, y1, w, h],
-                         "area": w * h, "iscrowd": 0})
-        for x1, y1, x2, y2 in p_boxes:
-            if x2 > x1 and y2 > y1:
-                dets.append({"image_id": img_id, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0})
-    if not dets:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[1])
-
-
-def _answers(model, processor, items: list, texts: list[str], batch_size: int, max_new_tokens: int,
-             media: str = "image") -> list[str]:
-    """Greedy answers to ``items`` (VQA, grounding or video items) asked ``texts``, ``batch_size`` at a time."""
-    out: list[str] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        prompts = [build_prompt(processor, text, media) for text in texts[i : i + batch_size]]
-        if media == "video":
-            out += generate(model, processor, prompts, max_new_tokens, videos=[it.frames for it in chunk])
-        else:
-            out += generate(model, processor, prompts, max_new_tokens, images=[it.image for it in chunk])
-    return out
-
-
-def _accuracy(items: list, preds: list[str]) -> tuple[float, dict[str, float]]:
-    """Exact-match accuracy overall and per question kind."""
-    per_kind: dict[str, list[bool]] = {}
-    for it, p in zip(items, preds):
-        per_kind.setdefault(it.kind, []).append(p == it.answer)
-    overall = sum(sum(v) for v in per_kind.values()) / len(items)
-    return overall, {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
+def _accuracy(metrics: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """Overall and per-kind accuracy out of ``ShapesVQA.aggregate``'s metrics."""
+    per_kind = {k.removeprefix("accuracy_"): v for k, v in metrics.items() if k.startswith("accuracy_")}
+    return metrics["accuracy"], per_kind
 
 
 def evaluate(model, processor, n_vqa: int = 200, n_grounding: int = 200, n_video: int = 0,
              batch_size: int = 50, split: str = "eval") -> dict:
-    model.eval()
+    """Greedy decoding through the evaluation adapter on the first items of ``split``, scored by the
+    shapes_vqa / shapes_grounding benchmarks (video questions are scored like VQA ones)."""
+    adapter = Qwen25VLAdapter.from_loaded(model, processor)
+    vqa = ShapesVQA(BenchmarkConfig(name="shapes_vqa", split=split))
     metrics: dict = {}
     if n_vqa:
-        items = scenes.vqa_items(split, n_vqa)
-        preds = _answers(model, processor, items, [it.question for it in items], batch_size, VQA_MAX_NEW_TOKENS)
-        metrics["vqa_accuracy"], metrics["vqa_accuracy_per_kind"] = _accuracy(items, preds)
-        metrics["vqa_examples"] = [{"q": it.question, "gt": it.answer, "pred": p} for it, p in list(zip(items, preds))[:8]]
+        rows = _scored_rows(adapter, vqa, vqa.load_records(n_vqa), batch_size, VQA_MAX_NEW_TOKENS)
+        metrics["vqa_accuracy"], metrics["vqa_accuracy_per_kind"] = _accuracy(vqa.aggregate(rows))
+        metrics["vqa_examples"] = [{"q": r["question"], "gt": r["target"], "pred": r["response"]} for r in rows[:8]]
     if n_grounding:
-        items = scenes.grounding_items(split, n_grounding)
-        outs = _answers(model, processor, items, [it.prompt for it in items], batch_size, GROUNDING_MAX_NEW_TOKENS)
-        pred_boxes = [parse_boxes(o) for o in outs]
-        metrics["grounding_ap50"] = coco_ap50([it.boxes for it in items], pred_boxes)
-        metrics["grounding_exact_match"] = sum(o == it.answer for o, it in zip(outs, items)) / len(items)
-        metrics["grounding_count_match"] = sum(len(p) == len(it.boxes) for p, it in zip(pred_boxes, items)) / len(items)
-        metrics["grounding_examples"] = [{"gt": it.answer, "pred": o} for it, o in list(zip(items, outs))[:3]]
+        grounding = ShapesGrounding(BenchmarkConfig(name="shapes_grounding", split=split))
+        rows = _scored_rows(adapter, grounding, grounding.load_records(n_grounding), batch_size,
+                            GROUNDING_MAX_NEW_TOKENS)
+        answers = [it.answer for it in scenes.grounding_items(split, n_grounding)]  # the JSON strings trained on
+        metrics["grounding_ap50"] = grounding.aggregate(rows)["ap50"]
+        metrics["grounding_exact_match"] = sum(r["response"] == a for r, a in zip(rows, answers)) / len(rows)
+        metrics["grounding_count_match"] = sum(len(r["parsed"] or []) == len(r["target"]) for r in rows) / len(rows)
+        metrics["grounding_examples"] = [{"gt": a, "pred": r["response"]} for r, a in list(zip(rows, answers))[:3]]
     if n_video:
-        items = scenes.video_items(split, n_video)
-        preds = _answers(model, processor, items, [it.question for it in items], batch_size // 2,
-                         VIDEO_MAX_NEW_TOKENS, media="video")
-        metrics["video_accuracy"], metrics["video_accuracy_per_kind"] = _accuracy(items, preds)
+        records = [Record(it.id, Request(it.question, videos=[it.frames]), it.answer, {"kind": it.kind})
+                   for it in scenes.video_items(split, n_video)]
+        rows = _scored_rows(adapter, vqa, records, batch_size // 2, VIDEO_MAX_NEW_TOKENS)
+        metrics["video_accuracy"], metrics["video_accuracy_per_kind"] = _accuracy(vqa.aggregate(rows))
     return metrics
 
 
