@@ -7,13 +7,14 @@ can be re-aggregated (or resumed) from the file alone.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmprune_exp.config.schema import BenchmarkConfig
-from mmprune_exp.errors import DataError, where
+from mmprune_exp.errors import USER_ERROR_EXIT, DataError, UserError, where
 from mmprune_exp.models.base import Request
 from mmprune_exp.registry import Registry
 
@@ -82,6 +83,12 @@ def check_unique_ids(indexed_ids, path, key: str, error: type[DataError] = Bench
             raise error(f"{where(path, index, rid, key)}: duplicate id, record {seen[rid]} has the same one "
                         "(ids must be unique: a later record would replace the earlier)")  # fmt: skip
         seen[rid] = index
+
+
+def report_user_error(err: UserError) -> int:
+    """Print ``err`` as one ``error: ...`` line on stderr (the score CLIs); the exit code for it."""
+    print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 BENCHMARKS = Registry("benchmark.name")

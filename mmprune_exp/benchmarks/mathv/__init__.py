@@ -33,11 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, check_unique_ids, register_benchmark
+from mmprune_exp.benchmarks.base import (
+    Benchmark,
+    BenchmarkDataError,
+    Record,
+    check_unique_ids,
+    register_benchmark,
+    report_user_error,
+)
 from mmprune_exp.benchmarks.image_files import ImageSource, LazyImageRequest
 from mmprune_exp.benchmarks.mathv.answers import EqualityJudge, extract_answer
 from mmprune_exp.config.schema import MathVConfig
-from mmprune_exp.errors import USER_ERROR_EXIT, DataError, UserError, where
+from mmprune_exp.errors import DataError, UserError, where
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +156,8 @@ def read_jsonl_problems(path: Path) -> list[MathVProblem]:
                 except json.JSONDecodeError as err:
                     raise BenchmarkDataError(f"{at}: not valid JSON ({err})") from err
                 located.append((f"{len(located)} (line {n})", _problem(raw, at)))
+    except BenchmarkDataError:  # an OSError too (FileNotFoundError): not to be wrapped below
+        raise
     except UnicodeDecodeError as err:
         raise BenchmarkDataError(f"{path}: not UTF-8 text ({err})") from err
     except OSError as err:
@@ -530,12 +539,6 @@ def _score_command(args: argparse.Namespace) -> int:
     print(f"{responses.name} :\t {report.result.get('-all', '0/0=0')}")
     print(f"wrote {result_path} and {scored_path}")
     return 0 if report.lines else 1
-
-
-def report_user_error(err: UserError) -> int:
-    """Print ``err`` as one ``error:`` line on stderr; the exit code for it."""
-    print("error: " + " ".join(str(err).split()), file=sys.stderr)
-    return USER_ERROR_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,11 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, register_benchmark
+from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, register_benchmark, report_user_error
 from mmprune_exp.benchmarks.image_files import LazyImageRequest, image_size
-from mmprune_exp.benchmarks.ovdeval.nms_ap import SubsetScore, check_results, score_detections
+from mmprune_exp.benchmarks.ovdeval.nms_ap import SubsetScore, score_detections
 from mmprune_exp.benchmarks.scoring import greedy_matches, normalize_text, parse_bbox_json
 from mmprune_exp.config.schema import OVDEVAL_SUBSETS, OVDEvalAllConfig, OVDEvalCommonConfig, OVDEvalConfig
+from mmprune_exp.errors import UserError, where
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class OVDSubset:
     dataset: dict  # the annotation file as loaded
     image_files: dict[Any, Path]  # image id -> file (present ones only)
     missing_images: list = field(default_factory=list)  # image ids whose file is absent
+    ann_file: Path | None = None  # the annotation file, named in messages
 
     @property
     def category_by_name(self) -> dict[str, int]:
@@ -96,6 +99,125 @@ class OVDSubset:
         return list(image.get("text", [])) + list(image.get("neg_text", []))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.60}"
+
+
+def _records(dataset: dict, section: str, path: str | Path):
+    """``(index, record, at)`` for each record of ``dataset[section]``; ``at(key)`` locates a field in messages."""
+    source = f"{path} ({section})"
+    for i, record in enumerate(dataset[section]):
+        if not isinstance(record, dict):
+            raise BenchmarkDataError(f"{where(source, i)}: expected a JSON object, got {_kind(record)}")
+        rid = record.get("id")
+        shown = rid if _is_int(rid) or isinstance(rid, str) else None
+
+        def at(key: str, i=i, shown=shown) -> str:
+            return where(source, i, shown, key)
+
+        yield i, record, at
+
+
+def _require(record: dict, key: str, ok, expected: str, at) -> Any:
+    if key not in record or record[key] is None:
+        raise BenchmarkDataError(f"{at(key)}: missing ({expected} expected)")
+    if not ok(record[key]):
+        raise BenchmarkDataError(f"{at(key)}: expected {expected}, got {_kind(record[key])}")
+    return record[key]
+
+
+def check_ground_truth(dataset: Any, path: str | Path) -> None:
+    """Check an OVDEval/COCO annotation file's structure, every field the scorer and pycocotools read.
+
+    Raises :class:`BenchmarkDataError` naming the file, the section and record (index and id) and the key:
+    missing or empty ``images``/``annotations``/``categories``; an id used twice (images, annotations,
+    categories; also a file name or category name used twice); a box that is not four finite numbers
+    ``[x, y, w, h]`` with w, h >= 0; an annotation pointing at an unknown image or category; wrong types.
+    """
+    if not isinstance(dataset, dict):
+        raise BenchmarkDataError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories', "
+                                 f"got {type(dataset).__name__}: not an OVDEval/COCO annotation file")  # fmt: skip
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise BenchmarkDataError(f"{where(path, key=key)}: missing: not an OVDEval/COCO annotation file")
+        if not isinstance(dataset[key], list):
+            raise BenchmarkDataError(f"{where(path, key=key)}: expected a list, got {type(dataset[key]).__name__}")
+        if not dataset[key]:
+            raise BenchmarkDataError(f"{where(path, key=key)}: empty list (zero {key}): nothing to evaluate")
+
+    categories: dict[int, int] = {}
+    names: dict[str, int] = {}
+    for i, cat, at in _records(dataset, "categories", path):
+        cid = _require(cat, "id", _is_int, "an integer", at)
+        name = _require(cat, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", at)
+        if cid in categories:
+            raise BenchmarkDataError(f"{at('id')}: duplicate id, record {categories[cid]} has the same one")
+        if name in names:
+            raise BenchmarkDataError(f"{at('name')}: duplicate name {name!r}, record {names[name]} has the same one "
+                                     "(a predicted label could not be mapped to one category)")  # fmt: skip
+        categories[cid], names[name] = i, i
+
+    images: dict[int, int] = {}
+    files: dict[str, int] = {}
+    for i, image, at in _records(dataset, "images", path):
+        iid = _require(image, "id", _is_int, "an integer", at)
+        file_name = _require(image, "file_name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", at)
+        for key in ("width", "height"):
+            if image.get(key) is not None and not (_is_number(image[key]) and image[key] > 0):
+                raise BenchmarkDataError(f"{at(key)}: expected a positive number of pixels, got {_kind(image[key])}")
+        for key in ("text", "neg_text"):
+            labels = image.get(key)
+            if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+                raise BenchmarkDataError(f"{at(key)}: expected a list of label strings, got {_kind(labels)}")
+        if iid in images:
+            raise BenchmarkDataError(f"{at('id')}: duplicate id, record {images[iid]} has the same one")
+        if file_name in files:
+            raise BenchmarkDataError(
+                f"{at('file_name')}: duplicate file name {file_name!r}, record {files[file_name]} has the same one"
+            )
+        images[iid], files[file_name] = i, i
+
+    annotations: dict[int, int] = {}
+    for i, ann, at in _records(dataset, "annotations", path):
+        aid = _require(ann, "id", _is_int, "an integer", at)
+        if aid in annotations:
+            raise BenchmarkDataError(f"{at('id')}: duplicate id, record {annotations[aid]} has the same one "
+                                     "(pycocotools would keep only the later)")  # fmt: skip
+        annotations[aid] = i
+        if _require(ann, "image_id", _is_int, "an integer", at) not in images:
+            raise BenchmarkDataError(f"{at('image_id')}: image id {ann['image_id']} is not in 'images'")
+        if _require(ann, "category_id", _is_int, "an integer", at) not in categories:
+            raise BenchmarkDataError(f"{at('category_id')}: category id {ann['category_id']} is not in 'categories'")
+        box = _require(ann, "bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
+                       "[x, y, w, h] (four numbers)", at)  # fmt: skip
+        if box[2] < 0 or box[3] < 0:
+            raise BenchmarkDataError(f"{at('bbox')}: negative width or height in {box} (COCO boxes: [x, y, w, h])")
+        _require(ann, "area", lambda v: _is_number(v) and v >= 0, "a number >= 0", at)  # COCOeval's area ranges
+        _require(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", at)  # read by COCOeval's IoU
+
+
+def read_json(path: Path, what: str) -> Any:
+    """``path`` parsed as JSON; a missing, unreadable or invalid file is a :class:`BenchmarkDataError`."""
+    if not path.is_file():
+        raise BenchmarkDataError(f"{what} {path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BenchmarkDataError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise BenchmarkDataError(f"{path}: cannot be read ({err})") from err
+
+
 def load_subset(root: str | Path, subset: str) -> OVDSubset:
     root = Path(root).expanduser()
     ann_file = root / "annotations" / f"{subset}.json"
@@ -104,13 +226,8 @@ def load_subset(root: str | Path, subset: str) -> OVDSubset:
             f"benchmark.path={str(root)!r} has no annotations/{subset}.json. Point benchmark.path at the OVDEval "
             "data (from the HF dataset omlab/OVDEval: annotations/<subset>.json and images/<subset>/)."
         )
-    try:
-        dataset = json.loads(ann_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BenchmarkDataError(f"{ann_file} is not valid JSON ({err})") from err
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise BenchmarkDataError(f"{ann_file} has no {key!r} list: not an OVDEval/COCO annotation file")
+    dataset = read_json(ann_file, "annotation file")
+    check_ground_truth(dataset, ann_file)
     image_dir = root / "images" / subset
     files, missing = {}, []
     for image in dataset["images"]:
@@ -119,7 +236,37 @@ def load_subset(root: str | Path, subset: str) -> OVDSubset:
             files[image["id"]] = path
         else:
             missing.append(image["id"])
-    return OVDSubset(subset, dataset, files, missing)
+    if not files:
+        first = dataset["images"][0]
+        raise BenchmarkDataError(
+            f"{where(f'{ann_file} (images)', 0, first['id'], 'file_name')}: {image_dir / first['file_name']} does not "
+            f"exist, nor does the file of any of the {len(missing)} images "
+            f"(expected under benchmark.path/images/{subset}/)"
+        )
+    return OVDSubset(subset, dataset, files, missing, ann_file)
+
+
+def check_results_file(results: Any, path: str | Path) -> None:
+    """Check a COCO detection results list: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
+
+    Raises :class:`BenchmarkDataError` naming the file, the detection index and the key. An empty list is
+    allowed (every AP is then 0), as are ids not in the ground truth (reported and left out by the scorer).
+    """
+    if not isinstance(results, list):
+        raise BenchmarkDataError(f"{path}: the results file must hold a JSON list of detections, got "
+                                 f"{type(results).__name__}")  # fmt: skip
+    for i, det in enumerate(results):
+        if not isinstance(det, dict):
+            raise BenchmarkDataError(f"{path}, detection {i}: expected a JSON object, got {_kind(det)}")
+
+        def at(key: str, i=i) -> str:
+            return f"{path}, detection {i}, key {key!r}"
+
+        _require(det, "image_id", _is_int, "an integer", at)
+        _require(det, "category_id", _is_int, "an integer", at)
+        _require(det, "bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
+                 "[x, y, w, h] (four numbers)", at)  # fmt: skip
+        _require(det, "score", _is_number, "a number", at)
 
 
 def rescale_box(box: tuple[float, ...], width: int, height: int, cfg: OVDEvalCommonConfig) -> list[float]:
@@ -157,9 +304,15 @@ class OVDEval(Benchmark):
         self.subsets = {name: load_subset(cfg.path, name) for name in self.subset_names()}
         for subset in self.subsets.values():
             if subset.missing_images:
+                images = subset.dataset["images"]
+                first = next(i for i, img in enumerate(images) if img["id"] == subset.missing_images[0])
+                image = images[first]
                 log.warning(
-                    "%s/%s: %d image file(s) missing under %s (skipped, their objects count as missed): %s",
+                    "%s/%s: %d image file(s) missing under %s (skipped, their objects count as missed): image ids %s; "
+                    "the first: %s: %s does not exist",
                     self.name, subset.name, len(subset.missing_images), cfg.path, subset.missing_images[:20],
+                    where(f"{subset.ann_file} (images)", first, image["id"], "file_name"),
+                    Path(cfg.path).expanduser() / "images" / subset.name / image["file_name"],
                 )  # fmt: skip
 
     def subset_names(self) -> list[str]:
@@ -177,17 +330,19 @@ class OVDEval(Benchmark):
             gt_by_image: dict[Any, list[dict]] = defaultdict(list)
             for ann in subset.dataset["annotations"]:
                 gt_by_image[ann["image_id"]].append(ann)
-            for image in self._images(subset, limit):
+            for index, image in enumerate(self._images(subset, limit)):
                 path = subset.image_files.get(image["id"])
                 if path is None:
                     continue
+                origin = where(f"{subset.ann_file} (images)", index, image["id"])
                 text = PROMPT.format(labels=str(subset.labels(image)))
                 width, height = image.get("width"), image.get("height")
                 if not width or not height:
-                    width, height = image_size(path)
+                    width, height = image_size(path, origin)
                 target = [{"bbox": a["bbox"], "category_id": a["category_id"]} for a in gt_by_image[image["id"]]]
                 fields = {"subset": subset.name, "image_id": image["id"], "width": width, "height": height}
-                records.append(Record(f"{subset.name}/{image['id']}", LazyImageRequest(text, [path]), target, fields))
+                request = LazyImageRequest(text, [path], origin)
+                records.append(Record(f"{subset.name}/{image['id']}", request, target, fields))
         return records
 
     # scoring ------------------------------------------------------------------------------------------
@@ -365,16 +520,10 @@ class OVDEvalAll(OVDEval):
 def _score_command(args: argparse.Namespace) -> int:
     gt_path, results_path = Path(args.gt), Path(args.results)
     name = gt_path.name.split(".")[0]  # as the official script names its output
-    try:
-        dataset = json.loads(gt_path.read_text(encoding="utf-8"))
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    problem = check_results(results)
-    if problem:
-        print(f"error: {results_path}: {problem}", file=sys.stderr)
-        return 2
+    dataset = read_json(gt_path, "--gt")
+    check_ground_truth(dataset, gt_path)
+    results = read_json(results_path, "--results")
+    check_results_file(results, results_path)
     score = score_detections(dataset, results, args.iou_threshold, args.tie_order, args.fix_ann_id_zero)
     print(f"subset {name}: {len(results)} detections before NMS, {score.after} after")
     if score.unknown_image_ids:
@@ -411,5 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--image-path", help=argparse.SUPPRESS)  # accepted for drop-in use; unused (as officially)
     score.add_argument("--num-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    return _score_command(args)
+    try:
+        return _score_command(args)
+    except UserError as err:  # bad input: one line, no traceback; anything else is a bug and keeps its traceback
+        return report_user_error(err)
 
