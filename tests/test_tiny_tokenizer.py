@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import (
@@ -122,9 +120,46 @@ def test_shipped_checkpoint_is_consistent(shipped):
     assert AutoTokenizer.from_pretrained(TINY_MODEL_DIR).convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
     assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 4_000_000
     assert (TINY_MODEL_DIR / "model.safetensors").stat().st_size < 20e6
-    report = json.loads((TINY_MODEL_DIR / "training_report.json").read_text())
-    # The foundation issue's targets on held-out scenes.
-    assert report["metrics"]["vqa_accuracy"] >= 0.9 and report["metrics"]["grounding_ap50"] >= 0.5
+
+
+@pytest.fixture(scope="module")
+def remeasured(tmp_path_factory):
+    """The shipped checkpoint evaluated now, the way run.py evaluates it (adapter, benchmark, scorer), on the
+    first 48 VQA and 24 grounding items of the held-out eval split."""
+    from mmprune_exp.benchmarks.shapes import ShapesGrounding, ShapesVQA
+    from mmprune_exp.config.schema import BenchmarkConfig, ModelConfig
+    from mmprune_exp.evaluation import evaluate
+    from mmprune_exp.models import load_adapter
+
+    adapter = load_adapter(ModelConfig(path=str(TINY_MODEL_DIR), device="cpu"))
+    out = tmp_path_factory.mktemp("remeasured")
+    vqa = ShapesVQA(BenchmarkConfig(name="shapes_vqa", limit=48, batch_size=48, max_new_tokens=8))
+    grounding = ShapesGrounding(BenchmarkConfig(name="shapes_grounding", limit=24, batch_size=24, max_new_tokens=160))
+    return (evaluate(adapter, vqa, out / "vqa.jsonl").metrics,
+            evaluate(adapter, grounding, out / "grounding.jsonl").metrics)
+
+
+def test_shipped_checkpoint_reaches_its_targets(remeasured):
+    # Measured on these items: VQA 1.0 (48/48, every kind), grounding AP50 0.779 (39 boxes). Over the
+    # 200 items of training_report.json AP50 is 0.731 and its 24-item windows range 0.66-0.79, so 0.6 only
+    # fails for a checkpoint that really got worse; 0.5 on 200 items was the foundation issue's target.
+    vqa, grounding = remeasured
+    assert vqa["accuracy"] >= 0.9, vqa
+    assert min(v for k, v in vqa.items() if k.startswith("accuracy_")) >= 0.75, vqa  # no question kind gave up
+    assert grounding["ap50"] >= 0.6, grounding
+
+
+def test_trainer_reports_what_the_benchmarks_measure(shipped, remeasured):
+    # training_report.json is written by the trainer's evaluate(): same adapter code, same scorers.
+    from mmprune_exp.tiny.train import evaluate
+
+    model, processor = shipped
+    metrics = evaluate(model, processor, n_vqa=48, n_grounding=24)
+    vqa, grounding = remeasured
+    assert metrics["vqa_accuracy"] == vqa["accuracy"]
+    assert metrics["vqa_accuracy_per_kind"] == {k.removeprefix("accuracy_"): v for k, v in vqa.items()
+                                                if k.startswith("accuracy_")}
+    assert metrics["grounding_ap50"] == grounding["ap50"]
 
 
 @torch.no_grad()
