@@ -17,8 +17,16 @@ def text_calibration(cfg: CalibrationConfig) -> list[Request]:
         raise CalibrationError("calibration.path is not set: point it at a text file with one sample per line")
     path = Path(cfg.path).expanduser()
     if not path.is_file():
-        raise CalibrationError(f"calibration.path={str(path)!r} does not exist")
-    lines = [(i, line.strip()) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+        raise CalibrationError(f"calibration.path={str(path)!r} does not exist" if not path.exists() else
+                               f"calibration.path={str(path)!r} is not a file")  # fmt: skip
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise CalibrationError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        raise CalibrationError(f"{path}: no non-empty lines (the file is empty): nothing to calibrate on")
     if len(lines) < cfg.nsamples:
         raise CalibrationError(f"calibration.nsamples={cfg.nsamples} but {path} has only {len(lines)} non-empty lines")
     chosen = np.random.RandomState(cfg.seed).choice(len(lines), size=cfg.nsamples, replace=False)

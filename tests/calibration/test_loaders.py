@@ -51,14 +51,14 @@ def test_llava_json_selects_like_tamp_and_keeps_whole_conversations(llava_dir):
 
 def test_llava_json_missing_image_names_file_and_record(llava_dir):
     (llava_dir / "coco" / "1.png").unlink()
-    with pytest.raises(CalibrationError, match=r"record 1 \(id='r1'\): image .*coco/1.png does not exist"):
+    with pytest.raises(CalibrationError, match=r"record 1 \(id='r1'\), key 'image': image .*coco/1.png does not exist"):
         build_calibration(cfg(llava_dir / "data.json", nsamples=6))
 
 
 @pytest.mark.parametrize(
     "record,message",
     [
-        ({"id": "x", "conversations": "hi"}, "'conversations' must be a list"),
+        ({"id": "x", "conversations": "hi"}, "key 'conversations': must be a list"),
         ({"id": "x", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}, "turn 0 is from 'gpt'"),
         ({"id": "x", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "turn 0 needs 'from'"),
     ],
