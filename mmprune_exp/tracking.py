@@ -3,6 +3,21 @@
 A tracking failure never fails a run: every W&B call is guarded and, on error, logged once and the
 tracker turns itself off. ``finish`` is always called (the run's ``finally``) with the run's exit code,
 so a failed job shows as failed on the dashboard instead of "finished".
+
+Three things make the W&B record trustworthy:
+
+- An unreachable server costs at most ``MMPRUNE_WANDB_INIT_TIMEOUT`` seconds (default 30; wandb's own
+  default is 90 plus retries), then the half-made online run is torn down and the run goes on offline
+  with the same id.
+- A rerun in the same run directory (``wandb_id.txt``) continues the same W&B id. Online, the server
+  resumes the run. Offline, wandb cannot resume and always opens a new ``offline-run-*`` folder, so the
+  tracker copies the earlier attempt's history (same steps and timestamps, tables rebuilt from their
+  files) and explicit summary values into the new run, and removes the earlier folder once the new run
+  has finished: one folder per run, written by wandb itself, which ``wandb sync`` uploads as one run.
+- W&B calls are not cut in half by SIGTERM/SIGINT: a signal that arrives during one is handed to the
+  previous handler right after the call returns (a second signal during the call is passed on at once).
+  So ``finish`` from the run's ``finally`` after an interrupt writes the exit code (143, 130, ...);
+  it is idempotent.
 """
 
 from __future__ import annotations
@@ -11,9 +26,13 @@ import json
 import logging
 import netrc
 import os
+import shutil
+import signal
 import struct
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +80,73 @@ def resolve_mode(mode: str) -> str:
     return "online" if _has_api_key() else "offline"
 
 
+# Seconds wandb.init may wait for the server before the tracker falls back to offline.
+INIT_TIMEOUT_ENV = "MMPRUNE_WANDB_INIT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT_S = 30.0
+
+
+def init_timeout() -> float:
+    raw = os.environ.get(INIT_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_INIT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        log.warning("%s=%r is not a positive number of seconds; using %s", INIT_TIMEOUT_ENV, raw,
+                    DEFAULT_INIT_TIMEOUT_S)  # fmt: skip
+        value = DEFAULT_INIT_TIMEOUT_S
+    return value
+
+
+_DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while a W&B call runs, then hand them to the handlers that were installed.
+
+    An exception raised by a handler in the middle of wandb's code (the run's ``Interrupted``) could leave
+    the run half-written and its ``finish`` unable to complete. The first signal waits for the call to
+    return; a second one is passed on at once, so a hung call can still be interrupted.
+    """
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    previous: dict[int, Any] = {}
+    held: list[int] = []
+    state = {"restored": False, "passed": False}
+
+    def _restore() -> None:
+        if not state["restored"]:
+            state["restored"] = True
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def _pass_on(signum: int) -> None:
+        state["passed"] = True
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler in (signal.SIG_DFL, None):
+            signal.raise_signal(signum)  # the default action, now that the default handler is back
+
+    def _hold(signum, frame):
+        if held:  # asked twice: stop waiting for W&B
+            _restore()
+            _pass_on(signum)
+        else:
+            held.append(signum)
+
+    for signum in _DEFERRED_SIGNALS:
+        previous[signum] = signal.signal(signum, _hold)
+    try:
+        yield
+    finally:
+        _restore()
+        if held and not state["passed"]:
+            _pass_on(held[0])
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -70,6 +156,7 @@ def _cell(value: Any) -> Any:
 class WandbTracker(Tracker):
     def __init__(self, cfg: LoggerConfig, config: dict[str, Any], run_dir: Path):
         self.run = None
+        self._earlier: list[Path] = []  # offline folders of earlier attempts, removed once this run finished
         try:
             import wandb
         except ImportError:
@@ -92,6 +179,7 @@ class WandbTracker(Tracker):
             "id": run_id,
             "resume": "allow",
             "reinit": "finish_previous",
+            "settings": wandb.Settings(init_timeout=init_timeout()),
         }
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             try:
@@ -99,18 +187,75 @@ class WandbTracker(Tracker):
                 break
             except Exception as err:  # noqa: BLE001 - any W&B failure must not fail the run
                 log.warning("wandb.init(mode=%s) failed: %s", attempt, err)
+                # The failed attempt still holds the run id in wandb's service process ("run ID ... is in
+                # use" on the retry): shut the service down so the offline attempt starts clean.
+                self._teardown()
+            except BaseException:  # interrupted while waiting for the server
+                self._teardown()
+                raise
         if self.run is None:
             log.warning("W&B tracking is off for this run; results are still in %s", run_dir)
             return
         self.run_id = self.run.id
         id_file.write_text(self.run.id)
+        if self.run.offline:
+            self._continue_offline()
         log.info("W&B run %s (mode=%s, dir=%s)", self.run.id, self.run.settings.mode, self.run.dir)
+
+    def _teardown(self) -> None:
+        try:
+            self._wandb.teardown()
+        except Exception as err:  # noqa: BLE001
+            log.debug("wandb.teardown failed: %s", err)
+
+    def _continue_offline(self) -> None:
+        """Copy the newest complete earlier offline attempt of this run id into the new run (module docstring)."""
+        current = Path(self.run.settings.sync_dir).resolve()
+        earlier = [d for d in current.parent.glob("offline-run-*") if d.resolve() != current
+                   and (d / f"run-{self.run.id}.wandb").is_file()]  # fmt: skip
+        if not earlier:
+            return
+        try:
+            # Each attempt holds its predecessors' history, so the longest log is the one to continue;
+            # an attempt killed before it wrote anything loses to the one before it.
+            source, (rows, summary) = max(
+                ((d, _raw_history(d / f"run-{self.run.id}.wandb")) for d in earlier),
+                key=lambda item: (len(item[1][0]), item[0].name),
+            )
+            with _signals_deferred():
+                history_keys = set()
+                for row in rows:
+                    history_keys |= set(row)
+                    step = row.pop("_step", None)
+                    row.pop("_runtime", None)  # wandb measures its own; _timestamp is kept as logged
+                    data = {k: v for k, v in ((k, self._revive(v, source)) for k, v in row.items()) if v is not None}
+                    self.run.log(data, step=step, commit=True)
+                explicit = {k: v for k, v in summary.items() if not k.startswith("_") and k not in history_keys}
+                if explicit:
+                    self.run.summary.update(explicit)
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not carry the earlier W&B attempt in %s over (%s); it stays where it is",
+                        source if "source" in locals() else earlier, err)  # fmt: skip
+            return
+        self._earlier = earlier
+        log.info("W&B offline run %s continues %d logged steps of %s", self.run.id, len(rows), source.name)
+
+    def _revive(self, value: Any, source: Path) -> Any:
+        """A history value as ``run.log`` takes it: logged tables are rebuilt from their files."""
+        if not isinstance(value, dict) or "_type" not in value:
+            return value
+        if value["_type"] == "table-file":
+            table = json.loads((source / "files" / value["path"]).read_text())
+            return self._wandb.Table(columns=table["columns"], data=table["data"])
+        log.warning("W&B media of type %s from the earlier attempt is not carried over", value["_type"])
+        return None
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> None:
         if self.run is None:
             return
         try:
-            fn()
+            with _signals_deferred():
+                fn()
         except Exception as err:  # noqa: BLE001
             log.warning("W&B %s failed (%s); tracking is off from here on", what, err)
             self.run = None
@@ -129,13 +274,22 @@ class WandbTracker(Tracker):
         self._guard("table", lambda: self.run.log({key: self._wandb.Table(columns=columns, data=data)}))
 
     def finish(self, exit_code: int = 0) -> None:
+        """Finish the W&B run with the job's exit code (nonzero: failed). Only the first call does anything."""
         run, self.run = self.run, None
         if run is None:
             return
-        try:
-            run.finish(exit_code=exit_code)
-        except Exception as err:  # noqa: BLE001
-            log.warning("wandb finish failed: %s", err)
+        with _signals_deferred():
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as err:  # noqa: BLE001
+                log.warning("wandb finish failed: %s", err)
+                return
+            # run.finish can return before wandb's service has written the run's log (offline, about one
+            # time in ten here); shutting the service down waits for it, so the exit code is on disk when
+            # finish returns, however soon the process is killed after. The next run starts a new service.
+            self._teardown()
+            for folder in self._earlier:  # their history is in this run's folder now
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 TRACKERS = Registry("logger.name")
@@ -182,6 +336,8 @@ def _log_records(data: bytes):
             pos += left
             continue
         chunk = data[pos + _HEADER : pos + _HEADER + length]
+        if len(chunk) < length:  # cut short: the writer was killed mid-record
+            return
         pos += _HEADER + length
         if kind == 1:
             yield chunk
@@ -196,6 +352,33 @@ def _log_records(data: bytes):
 
 def _items(items) -> dict[str, Any]:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+def _nested(items) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i in items:
+        path = [i.key] if i.key else list(i.nested_key)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(i.value_json)
+    return out
+
+
+def _raw_history(file: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """History rows and summary of a ``.wandb`` file with nested values as logged (tables stay one dict)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows, summary = [], {}
+    for raw in _log_records(file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            rows.append(_nested(record.history.item))
+        elif kind == "summary":
+            summary |= _nested(record.summary.update)
+    return rows, summary
 
 
 def read_offline_run(path: Path) -> OfflineRun:

@@ -1,0 +1,185 @@
+"""W&B tracker: fallback from an unreachable server, resume in the same folder, finish with the exit code.
+
+Real wandb (offline, or online against a local socket that never answers); no mocks of wandb itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from mmprune_exp.config.schema import LoggerConfig
+from mmprune_exp.tracking import WandbTracker, _signals_deferred, read_offline_run
+
+pytest.importorskip("wandb")
+
+
+@pytest.fixture(autouse=True)
+def wandb_home(tmp_path, monkeypatch):
+    """Keep wandb's settings, caches and credentials out of the user's home."""
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+
+
+def offline_runs(run_dir):
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def tracker(run_dir, mode="auto"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return WandbTracker(LoggerConfig(name="wandb", mode=mode), {"pruner": {"name": "wanda"}}, run_dir)
+
+
+@pytest.fixture
+def silent_server():
+    """A W&B "server" that accepts connections and never answers (a dead proxy, a firewalled host)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_unreachable_server_falls_back_to_offline_with_the_same_id(tmp_path, monkeypatch, silent_server):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", silent_server)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("MMPRUNE_WANDB_INIT_TIMEOUT", "2")
+    start = time.monotonic()
+    tr = tracker(tmp_path / "run")
+    waited = time.monotonic() - start
+    assert tr.run is not None and tr.run.offline
+    tr.log({"bench/score": 0.75})
+    tr.finish(0)
+    (offline,) = offline_runs(tmp_path / "run")
+    run = read_offline_run(offline)
+    assert run.run_id == tr.run_id == (tmp_path / "run" / "wandb_id.txt").read_text()
+    assert run.exit_code == 0
+    assert [step["bench/score"] for step in run.history] == [0.75]
+    # wandb's own init timeout is 90 s: only the tracker's shorter one lets the online attempt give up sooner
+    assert waited < 85
+
+
+def test_rerun_in_the_same_dir_continues_the_run_in_one_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    first = tracker(run_dir)
+    first.log({"calib/seconds": 3.0})
+    first.log_table("samples/shapes_vqa", [{"id": "a", "correct": True}, {"id": "b", "correct": False}])
+    first.summary({"stage": "pruned"})
+    first.finish(1)  # the interrupted attempt
+    (earlier,) = offline_runs(run_dir)
+
+    second = tracker(run_dir)
+    assert second.run_id == first.run_id
+    second.log({"bench/score": 0.5})
+    second.summary({"recovery": 0.9})
+    second.finish(0)
+
+    (offline,) = offline_runs(run_dir)
+    assert offline != earlier
+    run = read_offline_run(offline)
+    assert run.run_id == first.run_id and run.exit_code == 0
+    assert [s["_step"] for s in run.history] == [0, 1, 2]
+    assert run.history[0]["calib/seconds"] == 3.0 and run.history[2]["bench/score"] == 0.5
+    table = run.history[1]
+    assert table["samples/shapes_vqa/_type"] == "table-file" and table["samples/shapes_vqa/nrows"] == 2
+    assert (offline / "files" / table["samples/shapes_vqa/path"]).is_file()
+    assert run.summary["stage"] == "pruned" and run.summary["recovery"] == 0.9
+
+    third = tracker(run_dir)  # and again: still one folder, one more step
+    third.log({"bench/score": 0.6})
+    third.finish(0)
+    (offline,) = offline_runs(run_dir)
+    assert [s["_step"] for s in read_offline_run(offline).history] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("code", [143, 130, 1])
+def test_finish_records_a_failing_exit_code_once(tmp_path, code):
+    tr = tracker(tmp_path / "run")
+    tr.log({"x": 1.0})
+    tr.finish(code)
+    tr.finish(0)  # the run's finally after a signal handler already finished it: no effect
+    tr.log({"x": 2.0})
+    (offline,) = offline_runs(tmp_path / "run")
+    run = read_offline_run(offline)
+    assert run.exit_code == code and [s["x"] for s in run.history] == [1.0]
+
+
+class Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture
+def raising_sigterm():
+    """A SIGTERM handler like run.py's: raise in the main thread."""
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield calls
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_waits_for_the_wandb_call_then_reaches_the_handler(raising_sigterm):
+    done = []
+    with pytest.raises(Stop), _signals_deferred():
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.05)  # the handler would have run by now
+        done.append(True)
+    assert done == [True] and raising_sigterm == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGTERM).__name__ == "handler"
+
+
+def test_a_second_signal_interrupts_the_wandb_call(raising_sigterm):
+    done = []
+    with pytest.raises(Stop), _signals_deferred():
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        done.append(True)
+    assert done == [] and raising_sigterm == [signal.SIGTERM]
+
+
+def test_interrupted_run_finishes_with_the_signal_exit_code(tmp_path, raising_sigterm):
+    tr = tracker(tmp_path / "run")
+    exit_code = 1
+    with pytest.raises(Stop):
+        try:
+            tr.log({"x": 1.0})
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            exit_code = 0
+        except Stop:
+            exit_code = 143
+            raise
+        finally:
+            tr.finish(exit_code)
+    (offline,) = offline_runs(tmp_path / "run")
+    assert read_offline_run(offline).exit_code == 143
