@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -34,26 +36,40 @@ def test_streamed_pruning_equals_in_memory_pruning(random_tiny_dir, tmp_path, cf
     assert (tmp_path / "pruned" / "chat_template.jinja").exists()  # processor files travel along
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _mmapped_chunks(libc) -> int:
+    """glibc's count of live allocations served by their own mmap (``hblks``): exact, unlike the RSS."""
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().hblks)
+
+
 def test_heap_helpers_return_freed_memory_to_the_os():
-    """The streamer fixes glibc's mmap threshold so freed activations leave the resident set at once."""
+    """The streamer fixes glibc's mmap threshold so freed activations leave the resident set at once.
+
+    Checked through glibc's own bookkeeping: with the threshold fixed, each large block is its own mmap
+    (unmapped, so returned to the OS, on free). The resident-set sizes this implies are measured by
+    ``bench/heap_release.py``; they depend on the machine and on whatever else the process holds."""
     import ctypes.util
     import platform
 
-    import torch
-
     from mmprune_exp.utils import bound_heap, release_freed_memory
-
-    def rss_kb():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
     assert bound_heap() == bool(glibc)
+    release_freed_memory()  # a no-op off glibc; must not fail
+    if not glibc:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
+        pytest.skip("glibc without mallinfo2")
+    before = _mmapped_chunks(libc)
+    blocks = [torch.ones(1 << 19) for _ in range(64)]  # 64 x 2 MB, above the fixed 1 MB threshold
+    during = _mmapped_chunks(libc)
+    assert during - before >= 64  # every block has its own mapping ...
+    del blocks
     release_freed_memory()
-    if glibc:
-        before = rss_kb()
-        blocks = [torch.ones(1 << 19) for _ in range(64)]  # 64 x 2 MB, above the fixed 1 MB threshold
-        assert rss_kb() - before > 100_000
-        del blocks
-        release_freed_memory()
-        assert rss_kb() - before < 20_000
+    assert during - _mmapped_chunks(libc) >= 64  # ... and freeing it unmapped it
