@@ -314,6 +314,12 @@ def test_ovdeval_malformed_ground_truth(tmp_path, edit, where, message):
     check_ground_truth(GT, "gt.json")  # the fixture itself passes
 
 
+def test_ovdeval_image_without_labels_to_prompt_with(tmp_path):
+    dataset = broken(lambda d: [d["images"][1].pop(key) for key in ("text", "neg_text")])
+    with pytest.raises(BenchmarkDataError, match=re.escape("(images), record 1 (id=1), key 'text': no labels")):
+        ovd(tmp_path, dataset)
+
+
 def test_ovdeval_no_image_files_is_an_error_naming_the_first(tmp_path):
     with pytest.raises(BenchmarkDataError) as err:
         ovd(tmp_path, GT, images=False)

@@ -228,6 +228,13 @@ def load_subset(root: str | Path, subset: str) -> OVDSubset:
         )
     dataset = read_json(ann_file, "annotation file")
     check_ground_truth(dataset, ann_file)
+    if subset not in ALL_CATEGORY_SUBSETS:  # the prompt lists the image's own labels: it needs some
+        for index, image in enumerate(dataset["images"]):
+            if not image.get("text") and not image.get("neg_text"):
+                raise BenchmarkDataError(
+                    f"{where(f'{ann_file} (images)', index, image['id'], 'text')}: no labels in 'text' or 'neg_text' "
+                    f"(the {subset} prompt lists them; only {', '.join(ALL_CATEGORY_SUBSETS)} use all categories)"
+                )
     image_dir = root / "images" / subset
     files, missing = {}, []
     for image in dataset["images"]:
