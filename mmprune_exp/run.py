@@ -1,24 +1,44 @@
-"""One job: compose -> validate -> seed -> load -> dense baseline (cached) -> calibrate -> prune ->
-sparsity report -> evaluate -> log.
+"""One job, in stages:
 
-Every run directory ends up with ``results.json`` (headline figures + group choices), ``samples.jsonl``,
-``sparsity.json`` and Hydra's ``.hydra/`` config, so other tools can read a run without this package.
+    prepare   validate the config (root keys, groups, targets the model family has), claim the run directory
+              (fingerprint: a resume with another config is refused), read the benchmark and calibration data
+    load      the model
+    dense     evaluate the unpruned model, or reuse the cached baseline of the same model + benchmark
+    prune     calibrate and prune (a disk-streamed model is written out and reloaded)
+    report    achieved sparsity per matrix / layer / overall; save the pruned model if asked
+    evaluate  the pruned model, resuming from the rows already in samples.jsonl
+    results   results.json and W&B
+
+Every run directory ends up with ``results.json`` (headline figures + group labels), ``samples.jsonl``,
+``sparsity.json``, ``fingerprint.json`` and Hydra's ``.hydra/`` config, so other tools can read a run without
+this package. Errors the user can fix (:class:`~mmprune_exp.errors.UserError`) end the job with one line and
+exit code 2; SIGTERM/SIGINT end it with 143/130 after logging, finishing the W&B run as failed and keeping
+the samples written so far.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mmprune_exp.config.schema import register_configs, validate
+from mmprune_exp.errors import USER_ERROR_EXIT, UserError
+
+if TYPE_CHECKING:
+    from mmprune_exp.benchmarks import Benchmark
+    from mmprune_exp.calibration import CalibrationData
+    from mmprune_exp.evaluation import EvalResult
+    from mmprune_exp.models import ModelAdapter
+    from mmprune_exp.pruners import Pruner, SparsityReport
+    from mmprune_exp.tracking import Tracker
+    from mmprune_exp.utils import StageTimer
 
 log = logging.getLogger("mmprune_exp")
 
@@ -32,161 +52,250 @@ def _obj(node: DictConfig) -> Any:
     return OmegaConf.to_object(node)
 
 
-def _checkpoint_fingerprint(path: str) -> dict[str, Any]:
-    """Sizes and mtimes of a local checkpoint's files: rebuilding the weights invalidates cached baselines."""
-    root = Path(os.path.expanduser(path))
-    if not root.is_dir():
-        return {"id": path}
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(root.iterdir()) if p.is_file()}
-
-
 def dense_cache_key(cfg: DictConfig, device: str) -> str:
     """Everything that changes the dense model's answers: weights, numerics, data, generation args."""
+    from mmprune_exp.rundir import checkpoint_fingerprint
     from mmprune_exp.utils import stable_hash
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
     model["device"] = device
-    model["fingerprint"] = _checkpoint_fingerprint(cfg.model.path)
+    model["fingerprint"] = checkpoint_fingerprint(cfg.model.path)
     return stable_hash({"model": model, "benchmark": OmegaConf.to_container(cfg.benchmark, resolve=True)})
 
 
-def dense_baseline(cfg: DictConfig, adapter, benchmark):
-    """Evaluate the unpruned model, or read the result a previous run cached under the same key."""
+@dataclass
+class Job:
+    """What the stages of one run share."""
+
+    cfg: DictConfig
+    run_dir: Path
+    labels: dict[str, str]  # group -> label (the option's ``name``; sparsity's follows its value)
+    overrides: list[str]
+    benchmark: Benchmark
+    pruner: Pruner
+    calibration: CalibrationData | None
+    timer: StageTimer
+    tracker: Tracker | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.cfg.model.offload == "disk"
+
+
+# -- stages -----------------------------------------------------------------------------------------
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Everything that can fail on bad input, before the model loads: a bad sweep point fails in seconds."""
+    validate(cfg)
+    from mmprune_exp import rundir
+    from mmprune_exp.benchmarks import build_benchmark
+    from mmprune_exp.calibration import build_calibration
+    from mmprune_exp.models.base import check_targets
+    from mmprune_exp.pruners import build_pruner
+    from mmprune_exp.utils import StageTimer, seed_everything
+
+    if cfg.pruner.name != "none":
+        check_targets(cfg.model.family, list(cfg.pruner.scope), list(cfg.pruner.modules))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if rundir.claim(run_dir, cfg):
+        log.info("%s holds an earlier run of this config: resuming it", run_dir)
+    labels = {g: str(cfg[g].name) for g in GROUPS}
+    for group, choice in hydra_cfg.runtime.choices.items():
+        if group in labels and choice is not None and choice != labels[group]:
+            log.info("%s=%s is labelled %s (its values were overridden)", group, choice, labels[group])
+    seed_everything(cfg.seed)
+    timer = StageTimer()
+    benchmark = build_benchmark(_obj(cfg.benchmark))
+    with timer("data"):
+        benchmark.records()  # read and check the data files now, not after the model and the dense baseline
+    pruner = build_pruner(_obj(cfg.pruner), _obj(cfg.sparsity))
+    calibration = None
+    if pruner.needs_calibration:
+        with timer("calibration_data"):  # a missing calibration image fails here, in seconds
+            calibration = build_calibration(_obj(cfg.calibration))
+    return Job(cfg, run_dir, labels, list(hydra_cfg.overrides.task), benchmark, pruner, calibration, timer)
+
+
+def load(job: Job) -> ModelAdapter:
+    from mmprune_exp.models import load_adapter
+
+    with job.timer("load"):
+        return load_adapter(_obj(job.cfg.model))
+
+
+def dense(job: Job, adapter: ModelAdapter) -> tuple[EvalResult | None, Path | None]:
+    """The unpruned model's result, evaluated once per cache key and shared by every run that has the key."""
     from mmprune_exp.evaluation import EvalResult, evaluate, read_rows
 
-    key = dense_cache_key(cfg, adapter.device.type)
-    cache = Path(cfg.paths.cache_dir) / "dense" / f"{cfg.benchmark.name}-{key}"
-    done = cache / "metrics.json"
-    if cfg.use_dense_cache and done.exists():
-        log.info("dense baseline: reusing %s", cache)
-        rows = list(read_rows(cache / "samples.jsonl").values())
-        return EvalResult(json.loads(done.read_text()), rows, 0.0, resumed=len(rows)), cache
-    result = evaluate(adapter, benchmark, cache / "samples.jsonl", desc=f"{cfg.benchmark.name} dense")
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.metrics, indent=2))
-    tmp.replace(done)  # atomic: parallel sweep jobs never read a half-written file
+    if not job.cfg.dense_baseline:
+        return None, None
+    with job.timer("dense_eval"):
+        if job.streamed:  # a disk-offloaded model cannot generate; the baseline loads the whole checkpoint once
+            from mmprune_exp.models import load_adapter
+
+            adapter = load_adapter(replace(_obj(job.cfg.model), offload="none"))
+        key = dense_cache_key(job.cfg, adapter.device.type)
+        cache = Path(job.cfg.paths.cache_dir) / "dense" / f"{job.cfg.benchmark.name}-{key}"
+        done = cache / "metrics.json"
+        if job.cfg.use_dense_cache and done.exists():
+            log.info("dense baseline: reusing %s", cache)
+            rows = list(read_rows(cache / "samples.jsonl").values())
+            result = EvalResult(json.loads(done.read_text()), rows, 0.0, resumed=len(rows))
+        else:
+            result = evaluate(adapter, job.benchmark, cache / "samples.jsonl", desc=f"{job.cfg.benchmark.name} dense")
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result.metrics, indent=2))
+            tmp.replace(done)  # atomic: parallel sweep jobs never read a half-written file
+    log.info("dense %s score: %.4f", job.cfg.benchmark.name, result.metrics["score"])
     return result, cache
+
+
+def prune(job: Job, adapter: ModelAdapter) -> ModelAdapter:
+    """Prune in place; a disk-streamed model is written to ``pruned_model/`` and the pruned checkpoint reloaded."""
+    pruned_dir = job.run_dir / "pruned_model"
+    if job.streamed:  # pruned layers are written to pruned_dir as they finish
+        adapter.layer_streamer.begin_output(pruned_dir)
+    with job.timer("prune"):
+        job.pruner.prune(adapter, job.calibration)
+    if not job.streamed:
+        return adapter
+    with job.timer("save"):
+        adapter.layer_streamer.finalize()
+    del adapter
+    from mmprune_exp.models import load_adapter
+
+    with job.timer("load"):
+        return load_adapter(replace(_obj(job.cfg.model), path=str(pruned_dir), offload="none"))
+
+
+def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
+    from mmprune_exp.pruners import sparsity_report
+
+    result = sparsity_report(job.pruner.targets(adapter), adapter)
+    (job.run_dir / "sparsity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    log.info("sparsity over %d target matrices: %.4f", len(result.per_matrix), result.overall)
+    if job.cfg.save_model or job.streamed:
+        pruned_dir = job.run_dir / "pruned_model"
+        with job.timer("save"):
+            if not job.streamed:  # a streamed run wrote it while pruning
+                adapter.save(pruned_dir)
+            (pruned_dir / "sparsity.json").write_text(json.dumps(result.to_dict(), indent=2))
+        log.info("pruned model saved to %s", pruned_dir)
+    return result
+
+
+def evaluate_pruned(job: Job, adapter: ModelAdapter) -> EvalResult:
+    from mmprune_exp.evaluation import evaluate
+
+    with job.timer("eval"):
+        result = evaluate(adapter, job.benchmark, job.run_dir / "samples.jsonl", desc=f"{job.cfg.benchmark.name} pruned")
+    job.benchmark.write_tables(result.rows, job.run_dir)  # per-subject/per-subset tables, official-format files
+    return result
+
+
+def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense_dir: Path | None,
+            sparsity: SparsityReport) -> dict[str, Any]:  # fmt: skip
+    """Write ``results.json`` and log the same figures to the tracker."""
+    from mmprune_exp.utils import peak_memory
+
+    cfg = job.cfg
+    score = result.metrics["score"]
+    dense_score = dense_result.metrics["score"] if dense_result else None
+    recovery = score / dense_score if dense_score else None
+    out = {
+        "score": score,
+        "dense_score": dense_score,
+        "recovery": recovery,
+        "sparsity": sparsity.overall,
+        "target_sparsity": cfg.sparsity.value if cfg.pruner.name != "none" else 0.0,
+        "benchmark": cfg.benchmark.name,
+        "n_samples": len(result.rows),
+        "metrics": result.metrics,
+        "dense_metrics": dense_result.metrics if dense_result else None,
+        "dense_cache": str(dense_dir) if dense_dir else None,
+        "choices": job.labels,
+        "overrides": job.overrides,
+        "time_s": job.timer.seconds,
+        "eval_samples_per_s": result.samples_per_s,  # samples generated by this run only, resumed ones excluded
+        "resumed_samples": result.resumed,
+        "mem": peak_memory(),
+        "seed": cfg.seed,
+        "wandb_run_id": job.tracker.run_id if job.tracker else None,
+    }
+    (job.run_dir / "results.json").write_text(json.dumps(out, indent=2))
+
+    bench = cfg.benchmark.name
+    metrics = {f"bench/{bench}/{k}": v for k, v in result.metrics.items()}
+    if dense_result:
+        metrics |= {f"dense/{bench}/{k}": v for k, v in dense_result.metrics.items()}
+        metrics[f"recovery/{bench}/score"] = recovery
+    metrics["sparsity/overall"] = sparsity.overall
+    metrics |= {f"sparsity/layer/{k}": v for k, v in sparsity.per_layer.items()}
+    metrics |= {f"time/{k}_s": v for k, v in job.timer.seconds.items()}
+    metrics |= {f"mem/{k}": v for k, v in out["mem"].items()}
+    job.tracker.log(metrics)
+    job.tracker.summary({"score": score, "dense_score": dense_score, "recovery": recovery, "sparsity": sparsity.overall})
+    if cfg.logger.get("log_samples", False):
+        job.tracker.log_table(f"samples/{bench}", result.rows)
+    log.info(
+        "%s: score %.4f | dense %s | recovery %s | sparsity %.4f | results in %s",
+        bench,
+        score,
+        f"{dense_score:.4f}" if dense_score is not None else "n/a",
+        f"{recovery:.4f}" if recovery is not None else "n/a",
+        sparsity.overall,
+        job.run_dir,
+    )
+    return out
+
+
+# -- the job ----------------------------------------------------------------------------------------
 
 
 def run(cfg: DictConfig) -> float:
     """Run one job; returns the pruned score (what a Hydra sweeper would optimise)."""
-    validate(cfg)  # before anything expensive: a bad value fails in seconds, naming its key
-    from mmprune_exp.benchmarks import build_benchmark
-    from mmprune_exp.calibration import build_calibration
-    from mmprune_exp.evaluation import evaluate
-    from mmprune_exp.models import load_adapter
-    from mmprune_exp.pruners import build_pruner, sparsity_report
+    from mmprune_exp.interrupts import Interrupted, signals_as_exceptions
     from mmprune_exp.tracking import build_tracker
-    from mmprune_exp.utils import StageTimer, peak_memory, seed_everything
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-    seed_everything(cfg.seed)
-    benchmark = build_benchmark(_obj(cfg.benchmark))
-    pruner = build_pruner(_obj(cfg.pruner), _obj(cfg.sparsity))
-
-    tracker = build_tracker(_obj(cfg.logger), OmegaConf.to_container(cfg, resolve=True), run_dir)
-    exit_code = 1
-    try:
-        timer = StageTimer()
-        calibration = None
-        if pruner.needs_calibration:
-            # Read and check the calibration data before the model: a missing image fails in seconds.
-            with timer("calibration_data"):
-                calibration = build_calibration(_obj(cfg.calibration))
-        model_cfg = _obj(cfg.model)
-        streamed = model_cfg.offload == "disk"
-        with timer("load"):
-            adapter = load_adapter(model_cfg)
-        dense, dense_dir = None, None
-        if cfg.dense_baseline:
-            with timer("dense_eval"):
-                # A disk-offloaded model cannot generate; the baseline loads the whole checkpoint once.
-                dense_adapter = load_adapter(replace(model_cfg, offload="none")) if streamed else adapter
-                dense, dense_dir = dense_baseline(cfg, dense_adapter, benchmark)
-                del dense_adapter
-            log.info("dense %s score: %.4f", cfg.benchmark.name, dense.metrics["score"])
-        pruned_dir = run_dir / "pruned_model"
-        if streamed:  # pruned layers are written to pruned_dir as they finish
-            adapter.layer_streamer.begin_output(pruned_dir)
-        with timer("prune"):
-            pruner.prune(adapter, calibration)
-        if streamed:
-            with timer("save"):
-                adapter.layer_streamer.finalize()
-            del adapter  # evaluate the pruned checkpoint just written
-            with timer("load"):
-                adapter = load_adapter(replace(model_cfg, path=str(pruned_dir), offload="none"))
-        report = sparsity_report(pruner.targets(adapter), adapter)
-        (run_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
-        log.info("sparsity over %d target matrices: %.4f", len(report.per_matrix), report.overall)
-        if cfg.save_model or streamed:
-            with timer("save"):
-                if not streamed:
-                    adapter.save(pruned_dir)
-                (pruned_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2))
-            log.info("pruned model saved to %s", pruned_dir)
-        with timer("eval"):
-            result = evaluate(adapter, benchmark, run_dir / "samples.jsonl", desc=f"{cfg.benchmark.name} pruned")
-        benchmark.write_tables(result.rows, run_dir)  # per-subject/per-subset tables, official-format files
-
-        score = result.metrics["score"]
-        dense_score = dense.metrics["score"] if dense else None
-        recovery = score / dense_score if dense_score else None
-        results = {
-            "score": score,
-            "dense_score": dense_score,
-            "recovery": recovery,
-            "sparsity": report.overall,
-            "target_sparsity": cfg.sparsity.value if cfg.pruner.name != "none" else 0.0,
-            "benchmark": cfg.benchmark.name,
-            "n_samples": len(result.rows),
-            "metrics": result.metrics,
-            "dense_metrics": dense.metrics if dense else None,
-            "dense_cache": str(dense_dir) if dense_dir else None,
-            "choices": choices,
-            "overrides": list(hydra_cfg.overrides.task),
-            "time_s": timer.seconds,
-            "eval_samples_per_s": len(result.rows) / result.seconds if result.seconds else None,
-            "mem": peak_memory(),
-            "seed": cfg.seed,
-            "wandb_run_id": tracker.run_id,
-        }
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-
-        bench = cfg.benchmark.name
-        metrics = {f"bench/{bench}/{k}": v for k, v in result.metrics.items()}
-        if dense:
-            metrics |= {f"dense/{bench}/{k}": v for k, v in dense.metrics.items()}
-            metrics[f"recovery/{bench}/score"] = recovery
-        metrics["sparsity/overall"] = report.overall
-        metrics |= {f"sparsity/layer/{k}": v for k, v in report.per_layer.items()}
-        metrics |= {f"time/{k}_s": v for k, v in timer.seconds.items()}
-        metrics |= {f"mem/{k}": v for k, v in results["mem"].items()}
-        tracker.log(metrics)
-        tracker.summary({"score": score, "dense_score": dense_score, "recovery": recovery, "sparsity": report.overall})
-        if cfg.logger.get("log_samples", False):
-            tracker.log_table(f"samples/{bench}", result.rows)
-        log.info(
-            "%s: score %.4f | dense %s | recovery %s | sparsity %.4f | results in %s",
-            bench,
-            score,
-            f"{dense_score:.4f}" if dense_score is not None else "n/a",
-            f"{recovery:.4f}" if recovery is not None else "n/a",
-            report.overall,
-            run_dir,
-        )
-        exit_code = 0
-        return score
-    finally:
-        tracker.finish(exit_code)
+    with signals_as_exceptions():
+        try:
+            job = prepare(cfg)
+        except Interrupted as stop:
+            log.error("interrupted by %s before the run started; nothing was computed", stop)
+            raise SystemExit(stop.exit_code) from None
+        job.tracker = build_tracker(_obj(cfg.logger), OmegaConf.to_container(cfg, resolve=True), job.run_dir)
+        exit_code = 1
+        try:
+            adapter = load(job)
+            dense_result, dense_dir = dense(job, adapter)
+            adapter = prune(job, adapter)
+            sparsity = report(job, adapter)
+            result = evaluate_pruned(job, adapter)
+            score = results(job, result, dense_result, dense_dir, sparsity)["score"]
+            exit_code = 0
+            return score
+        except Interrupted as stop:
+            exit_code = stop.exit_code
+            log.error(
+                "interrupted by %s: samples written so far are kept in %s; rerun the same command with "
+                "hydra.run.dir=%s to resume", stop, job.run_dir, job.run_dir,
+            )  # fmt: skip
+            raise SystemExit(exit_code) from None
+        finally:
+            job.tracker.finish(exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except UserError as err:
+        # One line, no traceback: the message names what to change. Programming errors keep their traceback.
+        log.error("%s", err)
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -74,3 +74,46 @@ def test_wandb_logger_names_the_run_from_group_choices(compose_cfg):
     resolved = OmegaConf.to_container(cfg.logger, resolve=True)
     assert resolved["run_name"] == "qwen2_5_vl_tiny-magnitude-s70-shapes_vqa-seed0"
     assert resolved["group"] == "prune_eval"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+foo=1", "foo=1 is not a config key"),
+        ("+pruner_name=wanda", "pruner_name='wanda' is not a config key"),
+        ("seed=-1", "seed=-1 is invalid"),
+        ("save_model=maybe", "save_model='maybe' is invalid"),
+    ],
+)
+def test_root_keys_are_checked_too(compose_cfg, override, message):
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_sparsity_label_follows_the_value_not_the_option_name(compose_cfg):
+    cfg = compose_cfg(["logger=wandb", "sparsity=s50", "sparsity.value=0.3"])
+    validate(cfg)
+    assert cfg.sparsity.name == "s30"
+    assert OmegaConf.to_container(cfg.logger, resolve=True)["run_name"] == "qwen2_5_vl_tiny-magnitude-s30-shapes_vqa-seed0"
+    assert compose_cfg(["sparsity.value=0.625"]).sparsity.name == "s62.5"
+    assert compose_cfg(["sparsity=4of8"]).sparsity.name == "4of8"
+
+
+def test_pruner_targets_are_checked_against_the_model_family_before_loading():
+    from mmprune_exp.models.base import check_targets
+
+    check_targets("qwen2_5_vl", ["language", "vision"], ["q_proj", "down_proj"])
+    with pytest.raises(ConfigError, match=r"pruner\.modules=\['q_proj', 'nope'\].*has no linear\(s\) \['nope'\]"):
+        check_targets("qwen2_5_vl", ["language"], ["q_proj", "nope"])
+
+
+def test_a_family_without_a_part_rejects_it_in_scope():
+    from mmprune_exp.models.base import ModelAdapter
+
+    class TextOnly(ModelAdapter):  # a family with no vision tower (abstract: never instantiated)
+        model_parts = ("language", "lm_head")
+        decoder_linears = ("q_proj",)
+
+    with pytest.raises(ConfigError, match=r"pruner\.scope=\['language', 'vision'\].*no part\(s\) \['vision'\]"):
+        TextOnly.check_targets(["language", "vision"], ["q_proj"], "text_only")

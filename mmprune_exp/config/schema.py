@@ -10,6 +10,7 @@ before it loads anything; the error names the key as ``<group>.<field>``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mmprune_exp import ASSETS_DIR
-from mmprune_exp.errors import ConfigError  # noqa: F401  (re-exported)
+from mmprune_exp.errors import ConfigError
 
 
 class _FieldError(ValueError):
@@ -28,7 +29,8 @@ class _FieldError(ValueError):
         self.message = message
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
+    """In a schema's ``__post_init__``: raise a field error naming ``key`` unless ``condition`` holds."""
     if not condition:
         raise _FieldError(key, message)
 
@@ -56,20 +58,20 @@ class ModelConfig:
     offload: str = "none"
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; choose one of {DTYPES}")
-        _require(
+        require(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; choose one of {DTYPES}")
+        require(
             bool(_DEVICE_RE.match(self.device)),
             "device",
             f"got {self.device!r}; use auto, cpu, mps, cuda or cuda:N",
         )
-        _require(
+        require(
             self.attn_implementation in ATTN_IMPLEMENTATIONS,
             "attn_implementation",
             f"got {self.attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}",
         )
-        _require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
-        _require(self.offload in ("none", "disk"), "offload", f"got {self.offload!r}; use none or disk")
-        _require(
+        require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        require(self.offload in ("none", "disk"), "offload", f"got {self.offload!r}; use none or disk")
+        require(
             self.max_pixels >= self.min_pixels,
             "max_pixels",
             f"must be >= min_pixels ({self.min_pixels}), got {self.max_pixels}",
@@ -90,58 +92,42 @@ class PrunerConfig:
 
     def __post_init__(self) -> None:
         bad = [p for p in self.scope if p not in MODEL_PARTS]
-        _require(not bad, "scope", f"unknown part(s) {bad}; choose from {MODEL_PARTS}")
-        _require(len(self.modules) > 0, "modules", "name at least one linear (e.g. q_proj)")
+        require(not bad, "scope", f"unknown part(s) {bad}; choose from {MODEL_PARTS}")
+        require(len(self.modules) > 0, "modules", "name at least one linear (e.g. q_proj)")
 
 
-@dataclass
-class SparseGPTConfig(PrunerConfig):
-    """SparseGPT knobs (reference defaults)."""
+def sparsity_label(value: float, structure: str = "unstructured", n: int = 0, m: int = 0) -> str:
+    """The run label of a sparsity: ``s50`` for 50% unstructured, ``2of4`` for N:M, ``s62.5`` in between.
 
-    blocksize: int = 128  # columns per lazy-update block (and per mask-selection block)
-    percdamp: float = 0.01  # damping as a fraction of mean(diag H)
-    max_damp_retries: int = 4  # on a failed Cholesky: retry with 10x damping this many times
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.blocksize > 0, "blocksize", f"must be positive, got {self.blocksize}")
-        _require(self.percdamp > 0, "percdamp", f"must be positive, got {self.percdamp}")
-        _require(self.max_damp_retries >= 0, "max_damp_retries", f"must be >= 0, got {self.max_damp_retries}")
-
-
-@dataclass
-class OWLConfig(PrunerConfig):
-    """OWL knobs: outlier threshold M and the sparsity span 2*lambda (README defaults M=5, lambda=0.08)."""
-
-    m: float = 5.0
-    lam: float = 0.08
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.m > 0, "m", f"must be positive, got {self.m}")
-        _require(0 <= self.lam < 0.5, "lam", f"must be in [0, 0.5), got {self.lam}")
+    Derived from the values, so ``sparsity=s50 sparsity.value=0.3`` is labelled ``s30`` in results, W&B
+    run names and tables, never ``s50``.
+    """
+    if structure == "nm":
+        return f"{n}of{m}"
+    return f"s{round(float(value) * 100, 4):g}"
 
 
 @dataclass
 class SparsityConfig:
     """Target sparsity (``sparsity=s50``): the fraction of weights set to zero in each target matrix."""
 
-    name: str = "s50"
+    # The label follows value/structure/n/m (see sparsity_label); option files do not set it.
+    name: str = "${mmp_sparsity_label:${.value},${.structure},${.n},${.m}}"
     value: float = 0.5
     structure: str = "unstructured"  # unstructured | nm
     n: int = 0  # for structure=nm: n zeros in every group of m consecutive input weights
     m: int = 0
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.value < 1.0, "value", f"must be in [0, 1), got {self.value}")
-        _require(
+        require(0.0 <= self.value < 1.0, "value", f"must be in [0, 1), got {self.value}")
+        require(
             self.structure in ("unstructured", "nm"),
             "structure",
             f"got {self.structure!r}; choose unstructured or nm",
         )
         if self.structure == "nm":
-            _require(0 < self.n < self.m, "n", f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
-            _require(
+            require(0 < self.n < self.m, "n", f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
+            require(
                 abs(self.value - self.n / self.m) < 1e-9, "value", f"must equal n/m = {self.n / self.m} for N:M sparsity"
             )
 
@@ -157,8 +143,8 @@ class CalibrationConfig:
     path: str | None = None  # data file for loaders that read one
 
     def __post_init__(self) -> None:
-        _require(self.nsamples > 0, "nsamples", f"must be positive, got {self.nsamples}")
-        _require(self.max_length > 0, "max_length", f"must be positive, got {self.max_length}")
+        require(self.nsamples > 0, "nsamples", f"must be positive, got {self.nsamples}")
+        require(self.max_length > 0, "max_length", f"must be positive, got {self.max_length}")
 
 
 @dataclass
@@ -171,7 +157,7 @@ class LlavaJsonCalibrationConfig(CalibrationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.mode in ("conversation", "prompt"), "mode", f"got {self.mode!r}; use conversation or prompt")
+        require(self.mode in ("conversation", "prompt"), "mode", f"got {self.mode!r}; use conversation or prompt")
 
 
 @dataclass
@@ -186,9 +172,9 @@ class BenchmarkConfig:
     path: str | None = None  # data root for benchmarks read from files
 
     def __post_init__(self) -> None:
-        _require(self.limit is None or self.limit > 0, "limit", f"must be positive or null, got {self.limit}")
-        _require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
-        _require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        require(self.limit is None or self.limit > 0, "limit", f"must be positive or null, got {self.limit}")
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
 
 
 MATHV_SPLITS = ("test", "testmini")
@@ -206,9 +192,9 @@ class MathVConfig(BenchmarkConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.split in MATHV_SPLITS, "split", f"got {self.split!r}; choose one of {MATHV_SPLITS}")
-        _require(self.prompt in MATHV_PROMPTS, "prompt", f"got {self.prompt!r}; choose one of {MATHV_PROMPTS}")
-        _require(self.compare_timeout_s > 0, "compare_timeout_s", f"must be positive, got {self.compare_timeout_s}")
+        require(self.split in MATHV_SPLITS, "split", f"got {self.split!r}; choose one of {MATHV_SPLITS}")
+        require(self.prompt in MATHV_PROMPTS, "prompt", f"got {self.prompt!r}; choose one of {MATHV_PROMPTS}")
+        require(self.compare_timeout_s > 0, "compare_timeout_s", f"must be positive, got {self.compare_timeout_s}")
 
 
 OVDEVAL_SUBSETS = ("material", "color", "position", "relationship", "negation", "celebrity", "logo", "landmark", "coco")
@@ -237,11 +223,11 @@ class OVDEvalCommonConfig(BenchmarkConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
-        _require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels, got {self.max_pixels}")
-        _require(self.resize_factor > 0, "resize_factor", f"must be positive, got {self.resize_factor}")
-        _require(0.0 <= self.iou_threshold < 1.0, "iou_threshold", f"must be in [0, 1), got {self.iou_threshold}")
-        _require(
+        require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels, got {self.max_pixels}")
+        require(self.resize_factor > 0, "resize_factor", f"must be positive, got {self.resize_factor}")
+        require(0.0 <= self.iou_threshold < 1.0, "iou_threshold", f"must be in [0, 1), got {self.iou_threshold}")
+        require(
             self.tie_order in OVDEVAL_TIE_ORDERS,
             "tie_order",
             f"got {self.tie_order!r}; choose one of {OVDEVAL_TIE_ORDERS}",
@@ -256,7 +242,7 @@ class OVDEvalConfig(OVDEvalCommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.subset in OVDEVAL_SUBSETS, "subset", f"got {self.subset!r}; choose one of {OVDEVAL_SUBSETS}")
+        require(self.subset in OVDEVAL_SUBSETS, "subset", f"got {self.subset!r}; choose one of {OVDEVAL_SUBSETS}")
 
 
 @dataclass
@@ -269,9 +255,9 @@ class OVDEvalAllConfig(OVDEvalCommonConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         bad = [s for s in self.subsets if s not in OVDEVAL_SUBSETS]
-        _require(not bad, "subsets", f"unknown subset(s) {bad}; choose from {OVDEVAL_SUBSETS}")
-        _require(len(self.subsets) > 0, "subsets", "name at least one subset")
-        _require(len(set(self.subsets)) == len(self.subsets), "subsets", "lists a subset twice")
+        require(not bad, "subsets", f"unknown subset(s) {bad}; choose from {OVDEVAL_SUBSETS}")
+        require(len(self.subsets) > 0, "subsets", "name at least one subset")
+        require(len(set(self.subsets)) == len(self.subsets), "subsets", "lists a subset twice")
 
 
 @dataclass
@@ -290,7 +276,26 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         modes = ("auto", "online", "offline", "disabled")
-        _require(self.mode in modes, "mode", f"got {self.mode!r}; choose one of {modes}")
+        require(self.mode in modes, "mode", f"got {self.mode!r}; choose one of {modes}")
+
+
+@dataclass
+class RootConfig:
+    """The primary config's own keys (``conf/config.yaml``); each group below is checked by its own schema."""
+
+    task_name: str = "prune_eval"  # names the output folder and the W&B group when none is given
+    seed: int = 0
+    tags: list[str] = field(default_factory=list)
+    dense_baseline: bool = True  # also evaluate the unpruned model (cached) for recovery
+    use_dense_cache: bool = True  # reuse a cached dense baseline when one matches
+    save_model: bool = False  # write the pruned model to <run dir>/pruned_model
+
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+# Top-level nodes that are config groups (validated by their group schema) or Hydra's own.
+ROOT_GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "logger", "paths", "hydra")
 
 
 @dataclass
@@ -302,7 +307,7 @@ class PathsConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"qwen2_5_vl": ModelConfig},
-    "pruner": {"base": PrunerConfig, "sparsegpt": SparseGPTConfig, "owl": OWLConfig},
+    "pruner": {"base": PrunerConfig},  # each method module registers its own (Registry.register(schema=...))
     "sparsity": {"base": SparsityConfig},
     "calibration": {"base": CalibrationConfig, "llava_json": LlavaJsonCalibrationConfig},
     "benchmark": {
@@ -326,14 +331,25 @@ def _asset_path(name: str) -> str:
     return str(ASSETS_DIR / name)
 
 
+# Packages whose modules register methods, each with its own schema (Registry.register(name, schema=...)).
+PLUGIN_PACKAGES = ("mmprune_exp.pruners", "mmprune_exp.benchmarks", "mmprune_exp.calibration")
+
+
 def register_configs() -> None:
-    """Store all schemas in Hydra's ConfigStore and register the ``mmp_asset`` resolver. Idempotent."""
+    """Store all schemas in Hydra's ConfigStore and register the resolvers. Idempotent.
+
+    Importing the plugin packages first lets every method module add its schema before Hydra composes.
+    """
+    for package in PLUGIN_PACKAGES:
+        importlib.import_module(package)
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             ConfigStore.instance().store(group=f"schema/{group}", name=name, node=node)
     if not OmegaConf.has_resolver("mmp_asset"):
         # ${mmp_asset:qwen2_5_vl_tiny} -> the packaged checkpoint, wherever the package is installed.
         OmegaConf.register_new_resolver("mmp_asset", _asset_path)
+    if not OmegaConf.has_resolver("mmp_sparsity_label"):
+        OmegaConf.register_new_resolver("mmp_sparsity_label", sparsity_label)
 
 
 def _group_object(group: str, node: DictConfig) -> Any:
@@ -350,11 +366,32 @@ def _group_object(group: str, node: DictConfig) -> Any:
     return OmegaConf.to_object(node)
 
 
+def _validate_root(cfg: DictConfig) -> None:
+    """Unknown top-level keys (``+foo=1``, a typo in an experiment file) and the root values' types/ranges."""
+    known = {f.name for f in dataclasses.fields(RootConfig)}
+    unknown = sorted(set(cfg.keys()) - known - set(ROOT_GROUPS))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}={OmegaConf.select(cfg, unknown[0], throw_on_missing=False)!r} is not a config key "
+            f"(added with +{unknown[0]}=...?); top-level keys: {sorted(known)}, groups: {list(ROOT_GROUPS[:-1])}"
+        )
+    values = {k: cfg[k] for k in known if k in cfg}
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), values))
+    except _FieldError as err:
+        raise ConfigError(f"{err.key}={values.get(err.key)!r} is invalid: {err.message}") from None
+    except Exception as err:  # noqa: BLE001 - OmegaConf's type errors (seed=abc) name the key
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}={values.get(key)!r} is invalid: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check every group's values; raise :class:`ConfigError` naming ``group.key`` on the first problem.
+    """Check the root keys and every group's values; raise :class:`ConfigError` naming ``group.key`` on the
+    first problem.
 
     Called before any model or data is loaded, so a bad sweep point fails in seconds.
     """
+    _validate_root(cfg)
     for group in SCHEMAS:
         if group not in cfg or group == "paths":
             continue
@@ -366,5 +403,3 @@ def validate(cfg: DictConfig) -> None:
         except _FieldError as err:
             value = OmegaConf.select(cfg, f"{group}.{err.key}", throw_on_missing=False)
             raise ConfigError(f"{group}.{err.key}={value!r} is invalid: {err.message}") from None
-    if cfg.get("seed") is not None and int(cfg.seed) < 0:
-        raise ConfigError(f"seed={cfg.seed} is invalid: must be >= 0")

@@ -5,13 +5,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 
 from mmprune_exp.config.schema import ModelConfig
-from mmprune_exp.errors import ModelLoadError  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from mmprune_exp.models.offload import LayerStreamer
+from mmprune_exp.errors import ConfigError, ModelLoadError
 from mmprune_exp.registry import Registry
 
 
@@ -33,11 +37,47 @@ class Request:
 
 
 class ModelAdapter(ABC):
-    """What the rest of the package may ask of a loaded model."""
+    """What the rest of the package may ask of a loaded model.
+
+    The class attributes describe the family without loading anything, so a config naming parts or
+    linears the family does not have fails at validation (:meth:`check_targets`), before the model loads.
+    """
+
+    #: parts of the model ``pruner.scope`` may name
+    model_parts: tuple[str, ...] = ()
+    #: attribute names of the linears inside one language-decoder layer (what ``pruner.modules`` may name)
+    decoder_linears: tuple[str, ...] = ()
+    #: module path of the language decoder's layer list; a target under it is a decoder linear
+    decoder_prefix: str = ""
 
     model: nn.Module
     processor: object
     device: torch.device
+    #: streams decoder layers from disk while pruning (``model.offload=disk``); None when fully loaded
+    layer_streamer: LayerStreamer | None = None
+
+    @classmethod
+    def check_targets(cls, scope: list[str], modules: list[str], family: str = "") -> None:
+        """Raise :class:`ConfigError` naming ``pruner.scope`` / ``pruner.modules`` entries this family lacks."""
+        family = f"model.family={family}" if family else cls.__name__
+        bad = [p for p in scope if p not in cls.model_parts]
+        if bad:
+            raise ConfigError(
+                f"pruner.scope={list(scope)} is invalid: {family} has no part(s) {bad}; "
+                f"choose from {list(cls.model_parts)}"
+            )
+        bad = [m for m in modules if m not in cls.decoder_linears]
+        if bad:
+            raise ConfigError(
+                f"pruner.modules={list(modules)} is invalid: a {family} decoder layer has no linear(s) {bad}; "
+                f"choose from {list(cls.decoder_linears)}"
+            )
+
+    def decoder_layer_of(self, module_name: str) -> int | None:
+        """Decoder layer index of a language-decoder linear (``<decoder_prefix>.3.mlp.up_proj``), else None."""
+        if not module_name.startswith(self.decoder_prefix + "."):
+            return None
+        return self.layer_index(module_name)
 
     @abstractmethod
     def generate(self, requests: list[Request], max_new_tokens: int) -> list[str]:
@@ -87,6 +127,11 @@ register_adapter = ADAPTERS.register
 
 def load_adapter(cfg: ModelConfig) -> ModelAdapter:
     return ADAPTERS.get_factory(cfg.family)(cfg)
+
+
+def check_targets(family: str, scope: list[str], modules: list[str]) -> None:
+    """Check ``pruner.scope`` and ``pruner.modules`` against what ``model.family`` offers (nothing loads)."""
+    ADAPTERS.get_factory(family).check_targets(scope, modules, family)
 
 
 def resolve_device(name: str) -> torch.device:

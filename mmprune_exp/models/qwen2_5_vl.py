@@ -68,6 +68,10 @@ def chat_prompt(processor, request: Request) -> str:
 
 @register_adapter("qwen2_5_vl")
 class Qwen25VLAdapter(ModelAdapter):
+    model_parts = ("language", "vision", "merger", "lm_head")
+    decoder_linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    decoder_prefix = "model.language_model.layers"
+
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -149,13 +153,13 @@ class Qwen25VLAdapter(ModelAdapter):
         text, vision = model.model.language_model, model.model.visual
         text.rotary_emb = type(text.rotary_emb)(config=text.config).to(self.device)
         vision.rotary_pos_emb = type(vision.rotary_pos_emb)(vision.config).to(self.device)
-        self.layer_streamer = LayerStreamer(model, "model.language_model.layers", Path(path), _checkpoint_names, dtype)
+        self.layer_streamer = LayerStreamer(model, self.decoder_prefix, Path(path), _checkpoint_names, dtype)
         self.layer_streamer.load_non_layer_weights(self.device)
         if model.config.get_text_config().tie_word_embeddings:
             model.lm_head.weight = text.embed_tokens.weight
         missing = [
             n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_meta and not n.startswith("model.language_model.layers.")
+            if t.is_meta and not n.startswith(self.decoder_prefix + ".")
         ]  # fmt: skip
         if missing:
             raise ModelLoadError(f"model.offload=disk: {len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
@@ -205,7 +209,7 @@ class Qwen25VLAdapter(ModelAdapter):
     def target_linears(self, scope: list[str], modules: list[str]) -> dict[str, nn.Linear]:
         found: dict[str, nn.Linear] = {}
         parts = {
-            "language": ("model.language_model.layers", lambda name: name.split(".")[-1] in modules),
+            "language": (self.decoder_prefix, lambda name: name.split(".")[-1] in modules),
             "vision": ("model.visual.blocks", lambda name: True),
             "merger": ("model.visual.merger", lambda name: True),
         }
@@ -236,7 +240,7 @@ class Qwen25VLAdapter(ModelAdapter):
         for name in names:
             parent, _, leaf = name.rpartition(".")
             shared = next((i for i, members in enumerate(self._SHARED_INPUTS) if leaf in members), None)
-            key = (parent, shared) if shared is not None and "language_model" in name else (name,)
+            key = (parent, shared) if shared is not None and self.decoder_layer_of(name) is not None else (name,)
             groups.setdefault(key, []).append(name)
         return list(groups.values())
 

@@ -135,8 +135,8 @@ def layer_targets(adapter: ModelAdapter, targets: dict[str, nn.Linear]) -> dict[
     """Group target linears by decoder layer index; every target must sit inside a decoder layer."""
     grouped: dict[int, dict[str, nn.Linear]] = defaultdict(dict)
     for name, linear in targets.items():
-        index = adapter.layer_index(name)
-        if index is None or "language_model" not in name:
+        index = adapter.decoder_layer_of(name)
+        if index is None:
             raise ValueError(
                 f"{name} is not a language-decoder linear; calibrated pruners prune the language decoder only "
                 "(pruner.scope=[language]). Use pruner=magnitude to prune the vision tower, merger or lm_head."
@@ -174,7 +174,7 @@ class SequentialEngine:
         the weights alone (OWL's outlier pass): its dense outputs then feed the next layer directly.
         """
         layers = self.adapter.decoder_layers()
-        streamer = getattr(self.adapter, "layer_streamer", None)  # model.offload=disk
+        streamer = self.adapter.layer_streamer  # model.offload=disk
         for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
             if streamer is not None:
                 streamer.onload(index, self.device)

@@ -12,12 +12,12 @@ per-layer sparsities.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from mmprune_exp.config.schema import SparsityConfig
+from mmprune_exp.config.schema import PrunerConfig, SparsityConfig, require
 from mmprune_exp.pruners.base import register_pruner
 from mmprune_exp.pruners.engine import LayerInputs, SequentialEngine
 from mmprune_exp.pruners.stats import RowScaler
@@ -48,7 +48,20 @@ def owl_layer_sparsities(ratios: list[float], sparsity: float, lam: float) -> li
     return out.clamp(max=0.99).tolist()
 
 
-@register_pruner("owl")
+@dataclass
+class OWLConfig(PrunerConfig):
+    """OWL knobs: outlier threshold M and the sparsity span 2*lambda (README defaults M=5, lambda=0.08)."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.m > 0, "m", f"must be positive, got {self.m}")
+        require(0 <= self.lam < 0.5, "lam", f"must be in [0, 0.5), got {self.lam}")
+
+
+@register_pruner("owl", schema=OWLConfig)
 class OWLPruner(WandaPruner):
     def __init__(self, cfg, sparsity: SparsityConfig):
         super().__init__(cfg, sparsity)

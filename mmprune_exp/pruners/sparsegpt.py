@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmprune_exp.config.schema import SparsityConfig
+from mmprune_exp.config.schema import PrunerConfig, SparsityConfig, require
 from mmprune_exp.pruners.base import register_pruner
 from mmprune_exp.pruners.sequential import SequentialPruner
 from mmprune_exp.pruners.stats import Hessian
@@ -177,7 +177,22 @@ def sparsegpt_prune(
     return SparseGPTResult(W, float(losses.sum()), damp)
 
 
-@register_pruner("sparsegpt")
+@dataclass
+class SparseGPTConfig(PrunerConfig):
+    """SparseGPT knobs (reference defaults)."""
+
+    blocksize: int = 128  # columns per lazy-update block (and per mask-selection block)
+    percdamp: float = 0.01  # damping as a fraction of mean(diag H)
+    max_damp_retries: int = 4  # on a failed Cholesky: retry with 10x damping this many times
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.blocksize > 0, "blocksize", f"must be positive, got {self.blocksize}")
+        require(self.percdamp > 0, "percdamp", f"must be positive, got {self.percdamp}")
+        require(self.max_damp_retries >= 0, "max_damp_retries", f"must be >= 0, got {self.max_damp_retries}")
+
+
+@register_pruner("sparsegpt", schema=SparseGPTConfig)
 class SparseGPTPruner(SequentialPruner):
     def prune(self, adapter, calibration) -> None:
         # The reference turns TF32 off: the OBS updates are sensitive to matmul precision on Ampere+.

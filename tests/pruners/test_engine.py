@@ -77,8 +77,9 @@ def test_statistics_see_the_outputs_of_earlier_pruned_layers(random_tiny, random
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_same_seed_same_masks(random_tiny_dir, requests, method):
-    from mmprune_exp.config.schema import ModelConfig, SparseGPTConfig
+    from mmprune_exp.config.schema import ModelConfig
     from mmprune_exp.models import load_adapter
+    from mmprune_exp.pruners.sparsegpt import SparseGPTConfig
 
     cfg = SparseGPTConfig(name=method) if method == "sparsegpt" else PrunerConfig(name=method)
     masks = []

@@ -9,9 +9,10 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from mmprune_exp.calibration import CalibrationData, shapes_calibration
-from mmprune_exp.config.schema import CalibrationConfig, ModelConfig, OWLConfig, PrunerConfig, SparsityConfig
+from mmprune_exp.config.schema import CalibrationConfig, ModelConfig, PrunerConfig, SparsityConfig
 from mmprune_exp.models import load_adapter
 from mmprune_exp.pruners import build_pruner
+from mmprune_exp.pruners.owl import OWLConfig
 
 
 @pytest.mark.parametrize("cfg", [PrunerConfig(name="wanda"), OWLConfig(name="owl")], ids=["wanda", "owl"])
