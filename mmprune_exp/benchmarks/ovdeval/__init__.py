@@ -128,7 +128,7 @@ def _records(dataset: dict, section: str, path: str | Path):
 
 def _require(record: dict, key: str, ok, expected: str, at) -> Any:
     if key not in record or record[key] is None:
-        raise BenchmarkDataError(f"{at(key)}: missing ({expected} expected)")
+        raise BenchmarkDataError(f"{at(key)}: missing (expected {expected})")
     if not ok(record[key]):
         raise BenchmarkDataError(f"{at(key)}: expected {expected}, got {_kind(record[key])}")
     return record[key]
