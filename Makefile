@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 # CPU machines here install these two from local disk; on a CUDA box pick the build you want, e.g.
 #   make install TORCH="torch==2.6.0 torchvision==0.21.0"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Exact version of every other dependency, as CI tested them (torch, torchvision and their triton/nvidia/cuda
+# wheels are left to TORCH). `make lock` writes it from .venv; `make install LOCK=` installs without it.
+LOCK ?= requirements.lock
+CONSTRAINTS = $(if $(wildcard $(LOCK)),-c $(LOCK))
+LOCK_EXCLUDE := ^(torch|torchvision|triton|nvidia-[^=]*|cuda-[^=]*)==
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -13,15 +18,22 @@ ARGS ?=
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(wildcard $(LOCK))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps "latex2sympy2==1.9.1"  # see setup.cfg: its antlr pin clashes with hydra's
+	$(PY) -m pip install -q $(CONSTRAINTS) $(TORCH)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -q $(CONSTRAINTS) --no-deps "latex2sympy2==1.9.1"  # setup.cfg: its antlr pin clashes with hydra's
 	touch $@
 
-install: $(VENV)/.installed ## Create .venv with torch, the package and the dev tools
+install: $(VENV)/.installed ## Create .venv with torch, the package and the dev tools (versions from requirements.lock)
+
+lock: install ## Pin .venv's packages in requirements.lock (upgrade all: rm -rf .venv requirements.lock; make lock)
+	{ echo "# pip constraints for \`make install\`, written by \`make lock\` (pip freeze of the tested venv)."; \
+	  echo "# torch, torchvision and their triton/nvidia/cuda wheels are not pinned here: the Makefile's TORCH picks them."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '$(LOCK_EXCLUDE)'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	touch $(VENV)/.installed  # .venv is what the new lock says
 
 run: install ## Prune + evaluate the embedded tiny Qwen2.5-VL (pass overrides with ARGS="pruner=... sparsity=...")
 	$(PY) run.py $(ARGS)
@@ -42,4 +54,4 @@ clean: ## Remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs/runs outputs/multirun outputs/cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install run test test-full lint tiny-model clean
+.PHONY: help install lock run test test-full lint tiny-model clean
