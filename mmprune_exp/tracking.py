@@ -190,9 +190,6 @@ class WandbTracker(Tracker):
                 # The failed attempt still holds the run id in wandb's service process ("run ID ... is in
                 # use" on the retry): shut the service down so the offline attempt starts clean.
                 self._teardown()
-            except BaseException:  # interrupted while waiting for the server
-                self._teardown()
-                raise
         if self.run is None:
             log.warning("W&B tracking is off for this run; results are still in %s", run_dir)
             return
@@ -209,12 +206,13 @@ class WandbTracker(Tracker):
             log.debug("wandb.teardown failed: %s", err)
 
     def _continue_offline(self) -> None:
-        """Copy the newest complete earlier offline attempt of this run id into the new run (module docstring)."""
+        """Copy the earlier offline attempt of this run id with the longest history into the new run (module docstring)."""
         current = Path(self.run.settings.sync_dir).resolve()
         earlier = [d for d in current.parent.glob("offline-run-*") if d.resolve() != current
                    and (d / f"run-{self.run.id}.wandb").is_file()]  # fmt: skip
         if not earlier:
             return
+        source = None
         try:
             # Each attempt holds its predecessors' history, so the longest log is the one to continue;
             # an attempt killed before it wrote anything loses to the one before it.
@@ -235,7 +233,7 @@ class WandbTracker(Tracker):
                     self.run.summary.update(explicit)
         except Exception as err:  # noqa: BLE001
             log.warning("could not carry the earlier W&B attempt in %s over (%s); it stays where it is",
-                        source if "source" in locals() else earlier, err)  # fmt: skip
+                        source or current.parent, err)  # fmt: skip
             return
         self._earlier = earlier
         log.info("W&B offline run %s continues %d logged steps of %s", self.run.id, len(rows), source.name)

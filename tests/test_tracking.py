@@ -183,3 +183,31 @@ def test_interrupted_run_finishes_with_the_signal_exit_code(tmp_path, raising_si
             tr.finish(exit_code)
     (offline,) = offline_runs(tmp_path / "run")
     assert read_offline_run(offline).exit_code == 143
+
+
+def test_rerun_in_a_new_process_continues_the_run(tmp_path):
+    """The real requeue: the first attempt is another process, stopped by SIGTERM (exit code 143)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    first = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mmprune_exp.config.schema import LoggerConfig\n"
+        "from mmprune_exp.tracking import WandbTracker\n"
+        "run_dir = Path(sys.argv[1]); run_dir.mkdir()\n"
+        "tr = WandbTracker(LoggerConfig(name='wandb'), {}, run_dir)\n"
+        "tr.log({'calib/seconds': 3.0})\n"
+        "tr.finish(143)\n"
+    )
+    subprocess.run([sys.executable, "-c", first, str(run_dir)], check=True, timeout=300)
+    second = tracker(run_dir)
+    second.log({"bench/score": 0.5})
+    second.finish(0)
+    (offline,) = offline_runs(run_dir)
+    run = read_offline_run(offline)
+    assert run.run_id == (run_dir / "wandb_id.txt").read_text() and run.exit_code == 0
+    assert [(s["_step"], s.get("calib/seconds"), s.get("bench/score")) for s in run.history] == [
+        (0, 3.0, None), (1, None, 0.5)
+    ]
