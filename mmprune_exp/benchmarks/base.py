@@ -38,6 +38,7 @@ class Benchmark(ABC):
 
     def __init__(self, cfg: BenchmarkConfig):
         self.cfg = cfg
+        self._records: list[Record] | None = None
 
     @abstractmethod
     def load_records(self, limit: int | None) -> list[Record]:
@@ -55,8 +56,11 @@ class Benchmark(ABC):
         """``load_records(cfg.limit)``, checked: at least one record, and no id twice.
 
         ``evaluation.py`` keys ``samples.jsonl`` rows by ``Record.id``, so a repeated id would let one row
-        silently replace another.
+        silently replace another. Read once per benchmark object: the run checks the data before the model
+        loads and then evaluates the dense and the pruned model on the same records.
         """
+        if self._records is not None:
+            return self._records
         records = self.load_records(self.cfg.limit)
         source = f"benchmark {self.name!r}"
         path = getattr(self.cfg, "path", None)
@@ -65,6 +69,7 @@ class Benchmark(ABC):
         if not records:
             raise BenchmarkDataError(f"{source}: no records to evaluate (the data holds none that can be used)")
         check_unique_ids(((i, r.id) for i, r in enumerate(records)), source, "id")
+        self._records = records
         return records
 
     def write_tables(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:

@@ -432,6 +432,12 @@ def test_run_py_on_the_tiny_model(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["n_samples"] == 3 and 0.0 <= results["score"] <= 1.0
     assert "acc/level/1" in results["metrics"]
+    # The run's figures are the official scorer's on the run's own responses, and every problem was asked.
+    rows = _jsonl(tmp_path / "samples.jsonl")
+    assert [r["id"] for r in rows] == [p["id"] for p in _jsonl(FIXTURES / "data" / "testmini.jsonl")]
+    problems = {p.id: p for p in load_problems(FIXTURES / "data" / "testmini.jsonl")}
+    official = score_responses(problems, [{"id": r["id"], "response": r["response"]} for r in rows], timeout_s=None)
+    assert json.loads((tmp_path / "mathv_mini_result.json").read_text()) == official.result
     assert json.loads((tmp_path / "mathv_mini_result.json").read_text())["-all"].startswith(
         f"{round(results['score'] * 3)}/3="
     )

@@ -456,7 +456,11 @@ def test_run_py_on_the_tiny_model(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["n_samples"] == 4 and 0.0 <= results["score"] <= 1.0
     assert {"nms_ap", "ap", "boxes_before_nms"} <= set(results["metrics"])
-    assert (tmp_path / "ovdeval" / "material_results.json").exists()
+    # The headline is the official NMS-AP of the detections the run wrote, one row per annotated image.
+    raw = json.loads((tmp_path / "ovdeval" / "material_coco_results.json").read_text())
+    assert score_detections(GT, raw).nms.stats[0] == pytest.approx(results["score"])
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["image_id"] for r in rows) == sorted(img["id"] for img in GT["images"])
 
 
 @pytest.mark.parametrize("size", [(200, 150), (140, 112), (1000, 700)])
