@@ -266,9 +266,10 @@ def run(cfg: DictConfig) -> float:
         except Interrupted as stop:
             log.error("interrupted by %s before the run started; nothing was computed", stop)
             raise SystemExit(stop.exit_code) from None
-        job.tracker = build_tracker(_obj(cfg.logger), OmegaConf.to_container(cfg, resolve=True), job.run_dir)
         exit_code = 1
         try:
+            # Inside the try: a signal while W&B waits for its server still ends in the handler below.
+            job.tracker = build_tracker(_obj(cfg.logger), OmegaConf.to_container(cfg, resolve=True), job.run_dir)
             adapter = load(job)
             dense_result, dense_dir = dense(job, adapter)
             adapter = prune(job, adapter)
@@ -285,7 +286,8 @@ def run(cfg: DictConfig) -> float:
             )  # fmt: skip
             raise SystemExit(exit_code) from None
         finally:
-            job.tracker.finish(exit_code)
+            if job.tracker is not None:
+                job.tracker.finish(exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")

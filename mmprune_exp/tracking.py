@@ -6,7 +6,7 @@ so a failed job shows as failed on the dashboard instead of "finished".
 
 Three things make the W&B record trustworthy:
 
-- An unreachable server costs at most ``MMPRUNE_WANDB_INIT_TIMEOUT`` seconds (default 30; wandb's own
+- An unreachable server costs at most ``logger.init_timeout`` seconds (default 30; wandb's own
   default is 90 plus retries), then the half-made online run is torn down and the run goes on offline
   with the same id.
 - A rerun in the same run directory (``wandb_id.txt``) continues the same W&B id. Online, the server
@@ -78,24 +78,6 @@ def resolve_mode(mode: str) -> str:
     if env in ("online", "offline", "disabled", "dryrun", "run"):
         return {"dryrun": "offline", "run": "online"}.get(env, env)
     return "online" if _has_api_key() else "offline"
-
-
-# Seconds wandb.init may wait for the server before the tracker falls back to offline.
-INIT_TIMEOUT_ENV = "MMPRUNE_WANDB_INIT_TIMEOUT"
-DEFAULT_INIT_TIMEOUT_S = 30.0
-
-
-def init_timeout() -> float:
-    raw = os.environ.get(INIT_TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_INIT_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        log.warning("%s=%r is not a positive number of seconds; using %s", INIT_TIMEOUT_ENV, raw,
-                    DEFAULT_INIT_TIMEOUT_S)  # fmt: skip
-        value = DEFAULT_INIT_TIMEOUT_S
-    return value
 
 
 _DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -179,7 +161,7 @@ class WandbTracker(Tracker):
             "id": run_id,
             "resume": "allow",
             "reinit": "finish_previous",
-            "settings": wandb.Settings(init_timeout=init_timeout()),
+            "settings": wandb.Settings(init_timeout=cfg.init_timeout),
         }
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             try:

@@ -61,7 +61,7 @@ def _jsonl(path):
 
 def test_mathv_run_writes_the_official_figures(run_in_process):
     from mmprune_exp.benchmarks import build_benchmark
-    from mmprune_exp.config.schema import MathVConfig
+    from mmprune_exp.benchmarks.mathv import MathVConfig
 
     bench = build_benchmark(MathVConfig(path=str(MATHV_FIXTURES)))
     responses = {x["id"]: x["response"] for x in _jsonl(MATHV_FIXTURES / "outputs" / "fixture_model.jsonl")}
@@ -84,7 +84,7 @@ def test_mathv_run_writes_the_official_figures(run_in_process):
 
 def test_ovdeval_run_with_perfect_answers_scores_one(run_in_process):
     from mmprune_exp.benchmarks import build_benchmark
-    from mmprune_exp.config.schema import OVDEvalConfig
+    from mmprune_exp.benchmarks.ovdeval import OVDEvalConfig
 
     overrides = ["benchmark=ovdeval", f"benchmark.path={OVD_FIXTURES}", "benchmark.subset=material",
                  "benchmark.min_pixels=3136", "benchmark.max_pixels=12544", "dense_baseline=false",

@@ -33,9 +33,9 @@ def offline_runs(run_dir):
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
-def tracker(run_dir, mode="auto"):
+def tracker(run_dir, mode="auto", **kw):
     run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbTracker(LoggerConfig(name="wandb", mode=mode), {"pruner": {"name": "wanda"}}, run_dir)
+    return WandbTracker(LoggerConfig(name="wandb", mode=mode, **kw), {"pruner": {"name": "wanda"}}, run_dir)
 
 
 @pytest.fixture
@@ -68,9 +68,8 @@ def test_unreachable_server_falls_back_to_offline_with_the_same_id(tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", silent_server)
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    monkeypatch.setenv("MMPRUNE_WANDB_INIT_TIMEOUT", "2")
     start = time.monotonic()
-    tr = tracker(tmp_path / "run")
+    tr = tracker(tmp_path / "run", init_timeout=2.0)
     waited = time.monotonic() - start
     assert tr.run is not None and tr.run.offline
     tr.log({"bench/score": 0.75})

@@ -99,10 +99,12 @@ def report_user_error(err: UserError) -> int:
 BENCHMARKS = Registry("benchmark.name")
 
 
-def register_benchmark(name: str):
+def register_benchmark(name: str, schema: type[BenchmarkConfig] | None = None):
+    """Register a benchmark class under ``name``; ``schema``: its config dataclass when it has knobs of its own."""
+
     def decorator(cls):
         cls.name = name
-        return BENCHMARKS.register(name)(cls)
+        return BENCHMARKS.register(name, schema)(cls)
 
     return decorator
 

@@ -15,15 +15,30 @@ names the file and the record index.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mmprune_exp.calibration.base import CalibrationError, register_calibration
-from mmprune_exp.config.schema import LlavaJsonCalibrationConfig
+from mmprune_exp.config.schema import CalibrationConfig, require
 from mmprune_exp.errors import where
 from mmprune_exp.models.base import Request
+
+
+@dataclass
+class LlavaJsonCalibrationConfig(CalibrationConfig):
+    """LLaVA-format conversation JSON (``path``) with images under ``image_folder``."""
+
+    image_folder: str | None = None  # default: the JSON file's folder
+    task: str | None = None  # keep records whose image path starts with this folder (TAMP's task split)
+    mode: str = "conversation"  # conversation (all turns, with answers) | prompt (first user turn only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.mode in ("conversation", "prompt"), "mode", f"got {self.mode!r}; use conversation or prompt")
+
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -96,7 +111,7 @@ def _record(records: list, index: int, path: Path) -> dict:
     return record
 
 
-@register_calibration("llava_json")
+@register_calibration("llava_json", schema=LlavaJsonCalibrationConfig)
 def llava_json_calibration(cfg: LlavaJsonCalibrationConfig) -> list[Request]:
     if not cfg.path:
         raise CalibrationError("calibration.path is not set: point it at a LLaVA-format conversation JSON")

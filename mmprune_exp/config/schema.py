@@ -148,19 +148,6 @@ class CalibrationConfig:
 
 
 @dataclass
-class LlavaJsonCalibrationConfig(CalibrationConfig):
-    """LLaVA-format conversation JSON (``path``) with images under ``image_folder``."""
-
-    image_folder: str | None = None  # default: the JSON file's folder
-    task: str | None = None  # keep records whose image path starts with this folder (TAMP's task split)
-    mode: str = "conversation"  # conversation (all turns, with answers) | prompt (first user turn only)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.mode in ("conversation", "prompt"), "mode", f"got {self.mode!r}; use conversation or prompt")
-
-
-@dataclass
 class BenchmarkConfig:
     """Evaluation task (``benchmark=...``) and its generation settings."""
 
@@ -177,89 +164,6 @@ class BenchmarkConfig:
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
 
 
-MATHV_SPLITS = ("test", "testmini")
-MATHV_PROMPTS = ("cot", "direct", "lmms_eval")
-
-
-@dataclass
-class MathVConfig(BenchmarkConfig):
-    """MATH-Vision (``benchmark=mathv`` / ``mathv_mini``); ``path`` = a MATH-V checkout or HF dataset copy."""
-
-    name: str = "mathv"
-    split: str = "test"  # test (3,040 problems) | testmini (304)
-    prompt: str = "cot"  # cot: official boxed-answer prompt | direct: official short answer | lmms_eval
-    compare_timeout_s: float = 10.0  # time limit per answer comparison (latex2sympy + eval)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.split in MATHV_SPLITS, "split", f"got {self.split!r}; choose one of {MATHV_SPLITS}")
-        require(self.prompt in MATHV_PROMPTS, "prompt", f"got {self.prompt!r}; choose one of {MATHV_PROMPTS}")
-        require(self.compare_timeout_s > 0, "compare_timeout_s", f"must be positive, got {self.compare_timeout_s}")
-
-
-OVDEVAL_SUBSETS = ("material", "color", "position", "relationship", "negation", "celebrity", "logo", "landmark", "coco")
-OVDEVAL_TIE_ORDERS = ("numpy", "stable", "first")
-
-
-@dataclass
-class OVDEvalCommonConfig(BenchmarkConfig):
-    """Settings shared by ``benchmark=ovdeval`` (one subset) and ``benchmark=ovdeval_all``."""
-
-    name: str = "ovdeval"
-    split: str = "test"
-    # Qwen2.5-VL answers in pixels of the processor's resized frame; rescale them to the original image
-    # with the same smart_resize settings the model's processor uses.
-    rescale: bool = True
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
-    resize_factor: int = 28  # patch_size * merge_size
-    iou_threshold: float = 0.5  # GT-anchored suppression: IoU strictly above this
-    # Order among equal scores in the suppression: numpy = the official np.argsort(...)[::-1] (faithful,
-    # machine-dependent for mixed ties), stable = the same with a stable sort (last listed wins),
-    # first = the first listed wins.
-    tie_order: str = "numpy"
-    # pycocotools never matches a ground truth whose annotation id is 0; true renumbers ids from 1.
-    fix_ann_id_zero: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
-        require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels, got {self.max_pixels}")
-        require(self.resize_factor > 0, "resize_factor", f"must be positive, got {self.resize_factor}")
-        require(0.0 <= self.iou_threshold < 1.0, "iou_threshold", f"must be in [0, 1), got {self.iou_threshold}")
-        require(
-            self.tie_order in OVDEVAL_TIE_ORDERS,
-            "tie_order",
-            f"got {self.tie_order!r}; choose one of {OVDEVAL_TIE_ORDERS}",
-        )
-
-
-@dataclass
-class OVDEvalConfig(OVDEvalCommonConfig):
-    """OVDEval, one subset (``benchmark=ovdeval benchmark.subset=color``)."""
-
-    subset: str = "material"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.subset in OVDEVAL_SUBSETS, "subset", f"got {self.subset!r}; choose one of {OVDEVAL_SUBSETS}")
-
-
-@dataclass
-class OVDEvalAllConfig(OVDEvalCommonConfig):
-    """OVDEval over several subsets (``benchmark=ovdeval_all``), with the aspect averages."""
-
-    name: str = "ovdeval_all"
-    subsets: list[str] = field(default_factory=lambda: list(OVDEVAL_SUBSETS))
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        bad = [s for s in self.subsets if s not in OVDEVAL_SUBSETS]
-        require(not bad, "subsets", f"unknown subset(s) {bad}; choose from {OVDEVAL_SUBSETS}")
-        require(len(self.subsets) > 0, "subsets", "name at least one subset")
-        require(len(set(self.subsets)) == len(self.subsets), "subsets", "lists a subset twice")
-
-
 @dataclass
 class LoggerConfig:
     """Experiment tracking (``logger=wandb|none``)."""
@@ -273,10 +177,13 @@ class LoggerConfig:
     mode: str = "auto"  # auto = online when an API key is configured, else offline
     tags: list[str] = field(default_factory=list)
     log_samples: bool = True
+    # Seconds wandb.init may wait for the server before the run goes on offline (wandb's own: 90 + retries).
+    init_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         modes = ("auto", "online", "offline", "disabled")
         require(self.mode in modes, "mode", f"got {self.mode!r}; choose one of {modes}")
+        require(self.init_timeout > 0, "init_timeout", f"must be positive, got {self.init_timeout}")
 
 
 @dataclass
@@ -305,17 +212,14 @@ class PathsConfig:
     cache_dir: str = "outputs/cache"
 
 
+# The base schema of each group; a method with knobs of its own registers its schema from its module
+# (``Registry.register(name, schema=...)``), so adding a method never edits this file.
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"qwen2_5_vl": ModelConfig},
-    "pruner": {"base": PrunerConfig},  # each method module registers its own (Registry.register(schema=...))
+    "pruner": {"base": PrunerConfig},
     "sparsity": {"base": SparsityConfig},
-    "calibration": {"base": CalibrationConfig, "llava_json": LlavaJsonCalibrationConfig},
-    "benchmark": {
-        "base": BenchmarkConfig,
-        "mathv": MathVConfig,
-        "ovdeval": OVDEvalConfig,
-        "ovdeval_all": OVDEvalAllConfig,
-    },
+    "calibration": {"base": CalibrationConfig},
+    "benchmark": {"base": BenchmarkConfig},
     "logger": {"base": LoggerConfig},
     "paths": {"base": PathsConfig},
 }

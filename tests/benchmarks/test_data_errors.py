@@ -19,9 +19,9 @@ from PIL import Image
 from mmprune_exp.benchmarks import build_benchmark
 from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record
 from mmprune_exp.benchmarks.image_files import LazyImageRequest, image_size
-from mmprune_exp.benchmarks.mathv import load_problems, read_response_lines
-from mmprune_exp.benchmarks.ovdeval import check_ground_truth, check_results_file
-from mmprune_exp.config.schema import BenchmarkConfig, MathVConfig, OVDEvalConfig
+from mmprune_exp.benchmarks.mathv import MathVConfig, load_problems, read_response_lines
+from mmprune_exp.benchmarks.ovdeval import OVDEvalConfig, check_ground_truth, check_results_file
+from mmprune_exp.config.schema import BenchmarkConfig
 from mmprune_exp.errors import USER_ERROR_EXIT, DataError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,6 +20,7 @@ import pytest
 from mmprune_exp.benchmarks import build_benchmark
 from mmprune_exp.benchmarks.base import BenchmarkDataError
 from mmprune_exp.benchmarks.mathv import (
+    MathVConfig,
     MathVProblem,
     accuracy_table,
     judge_response,
@@ -42,7 +43,6 @@ from mmprune_exp.benchmarks.mathv.answers import (
     is_number,
     strip_latex,
 )
-from mmprune_exp.config.schema import MathVConfig
 from mmprune_exp.evaluation import evaluate
 from tests.conftest import ROOT
 

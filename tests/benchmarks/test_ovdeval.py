@@ -26,9 +26,8 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mmprune_exp.benchmarks import build_benchmark
 from mmprune_exp.benchmarks.base import BenchmarkDataError
-from mmprune_exp.benchmarks.ovdeval import PROMPT, main
+from mmprune_exp.benchmarks.ovdeval import PROMPT, OVDEvalAllConfig, OVDEvalConfig, main
 from mmprune_exp.benchmarks.ovdeval.nms_ap import coco_eval, iou_xywh, score_detections, suppress_on_gt
-from mmprune_exp.config.schema import OVDEvalAllConfig, OVDEvalConfig
 from mmprune_exp.evaluation import evaluate
 from tests.conftest import ROOT
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from mmprune_exp.calibration import CalibrationError, build_calibration, register_calibration
 from mmprune_exp.calibration.base import CALIBRATION_SETS
-from mmprune_exp.config.schema import CalibrationConfig, LlavaJsonCalibrationConfig
+from mmprune_exp.calibration.llava_json import LlavaJsonCalibrationConfig
+from mmprune_exp.config.schema import CalibrationConfig
 from mmprune_exp.errors import DataError, UserError
 
 

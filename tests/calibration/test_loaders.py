@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mmprune_exp.calibration import CalibrationError, build_calibration
-from mmprune_exp.config.schema import CalibrationConfig, LlavaJsonCalibrationConfig
+from mmprune_exp.calibration.llava_json import LlavaJsonCalibrationConfig
+from mmprune_exp.config.schema import CalibrationConfig
 
 
 def conv(q, a, more=()):

@@ -43,12 +43,32 @@ from mmprune_exp.benchmarks.base import (
 )
 from mmprune_exp.benchmarks.image_files import ImageSource, LazyImageRequest
 from mmprune_exp.benchmarks.mathv.answers import EqualityJudge, extract_answer
-from mmprune_exp.config.schema import MathVConfig
+from mmprune_exp.config.schema import BenchmarkConfig, require
 from mmprune_exp.errors import DataError, UserError, where
 
 log = logging.getLogger(__name__)
 
 LEVELS = (1, 2, 3, 4, 5)
+
+
+MATHV_SPLITS = ("test", "testmini")
+MATHV_PROMPTS = ("cot", "direct", "lmms_eval")
+
+
+@dataclass
+class MathVConfig(BenchmarkConfig):
+    """MATH-Vision (``benchmark=mathv`` / ``mathv_mini``); ``path`` = a MATH-V checkout or HF dataset copy."""
+
+    name: str = "mathv"
+    split: str = "test"  # test (3,040 problems) | testmini (304)
+    prompt: str = "cot"  # cot: official boxed-answer prompt | direct: official short answer | lmms_eval
+    compare_timeout_s: float = 10.0  # time limit per answer comparison (latex2sympy + eval)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.split in MATHV_SPLITS, "split", f"got {self.split!r}; choose one of {MATHV_SPLITS}")
+        require(self.prompt in MATHV_PROMPTS, "prompt", f"got {self.prompt!r}; choose one of {MATHV_PROMPTS}")
+        require(self.compare_timeout_s > 0, "compare_timeout_s", f"must be positive, got {self.compare_timeout_s}")
 
 
 @dataclass
@@ -333,7 +353,7 @@ def accuracy_table(entries: list[tuple[str, int, bool]]) -> list[dict[str, Any]]
 # -- benchmark ----------------------------------------------------------------------------------------
 
 
-@register_benchmark("mathv")
+@register_benchmark("mathv", schema=MathVConfig)
 class MathV(Benchmark):
     """MATH-Vision accuracy, overall, per subject, per level and per subject x level."""
 

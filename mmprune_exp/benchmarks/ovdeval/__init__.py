@@ -53,7 +53,7 @@ from mmprune_exp.benchmarks.base import Benchmark, BenchmarkDataError, Record, r
 from mmprune_exp.benchmarks.image_files import LazyImageRequest, image_size
 from mmprune_exp.benchmarks.ovdeval.nms_ap import SubsetScore, score_detections
 from mmprune_exp.benchmarks.scoring import greedy_matches, normalize_text, parse_bbox_json
-from mmprune_exp.config.schema import OVDEVAL_SUBSETS, OVDEvalAllConfig, OVDEvalCommonConfig, OVDEvalConfig
+from mmprune_exp.config.schema import BenchmarkConfig, require
 from mmprune_exp.errors import UserError, where
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,69 @@ PROMPT = (
     '[{{"bbox_2d": [x1, y1, x2, y2], "label": "object name"}}]\n```\n If no targets are detected in the '
     'image, simply respond with "None".'
 )
+
+
+OVDEVAL_SUBSETS = ("material", "color", "position", "relationship", "negation", "celebrity", "logo", "landmark", "coco")
+OVDEVAL_TIE_ORDERS = ("numpy", "stable", "first")
+
+
+@dataclass
+class OVDEvalCommonConfig(BenchmarkConfig):
+    """Settings shared by ``benchmark=ovdeval`` (one subset) and ``benchmark=ovdeval_all``."""
+
+    name: str = "ovdeval"
+    split: str = "test"
+    # Qwen2.5-VL answers in pixels of the processor's resized frame; rescale them to the original image
+    # with the same smart_resize settings the model's processor uses.
+    rescale: bool = True
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    resize_factor: int = 28  # patch_size * merge_size
+    iou_threshold: float = 0.5  # GT-anchored suppression: IoU strictly above this
+    # Order among equal scores in the suppression: numpy = the official np.argsort(...)[::-1] (faithful,
+    # machine-dependent for mixed ties), stable = the same with a stable sort (last listed wins),
+    # first = the first listed wins.
+    tie_order: str = "numpy"
+    # pycocotools never matches a ground truth whose annotation id is 0; true renumbers ids from 1.
+    fix_ann_id_zero: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.min_pixels > 0, "min_pixels", f"must be positive, got {self.min_pixels}")
+        require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels, got {self.max_pixels}")
+        require(self.resize_factor > 0, "resize_factor", f"must be positive, got {self.resize_factor}")
+        require(0.0 <= self.iou_threshold < 1.0, "iou_threshold", f"must be in [0, 1), got {self.iou_threshold}")
+        require(
+            self.tie_order in OVDEVAL_TIE_ORDERS,
+            "tie_order",
+            f"got {self.tie_order!r}; choose one of {OVDEVAL_TIE_ORDERS}",
+        )
+
+
+@dataclass
+class OVDEvalConfig(OVDEvalCommonConfig):
+    """OVDEval, one subset (``benchmark=ovdeval benchmark.subset=color``)."""
+
+    subset: str = "material"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.subset in OVDEVAL_SUBSETS, "subset", f"got {self.subset!r}; choose one of {OVDEVAL_SUBSETS}")
+
+
+@dataclass
+class OVDEvalAllConfig(OVDEvalCommonConfig):
+    """OVDEval over several subsets (``benchmark=ovdeval_all``), with the aspect averages."""
+
+    name: str = "ovdeval_all"
+    subsets: list[str] = field(default_factory=lambda: list(OVDEVAL_SUBSETS))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [s for s in self.subsets if s not in OVDEVAL_SUBSETS]
+        require(not bad, "subsets", f"unknown subset(s) {bad}; choose from {OVDEVAL_SUBSETS}")
+        require(len(self.subsets) > 0, "subsets", "name at least one subset")
+        require(len(set(self.subsets)) == len(self.subsets), "subsets", "lists a subset twice")
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -295,7 +358,7 @@ def _xyxy(box: list) -> tuple[float, float, float, float]:
 # -- benchmark ----------------------------------------------------------------------------------------
 
 
-@register_benchmark("ovdeval")
+@register_benchmark("ovdeval", schema=OVDEvalConfig)
 class OVDEval(Benchmark):
     """One OVDEval subset (``benchmark.subset``): NMS-AP (headline) and plain AP."""
 
@@ -457,7 +520,7 @@ class OVDEval(Benchmark):
         return []
 
 
-@register_benchmark("ovdeval_all")
+@register_benchmark("ovdeval_all", schema=OVDEvalAllConfig)
 class OVDEvalAll(OVDEval):
     """Several OVDEval subsets (all nine by default); ``limit`` applies per subset.
 
