@@ -216,6 +216,7 @@ def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense
         "metrics": result.metrics,
         "dense_metrics": dense_result.metrics if dense_result else None,
         "dense_cache": str(dense_dir) if dense_dir else None,
+        "dense_from_cache": dense_result.generated == 0 if dense_result else None,  # read, not evaluated, here
         "choices": job.labels,
         "overrides": job.overrides,
         "time_s": job.timer.seconds,
@@ -285,6 +286,9 @@ def run(cfg: DictConfig) -> float:
                 "hydra.run.dir=%s to resume", stop, job.run_dir, job.run_dir,
             )  # fmt: skip
             raise SystemExit(exit_code) from None
+        except UserError:
+            exit_code = USER_ERROR_EXIT  # the W&B run shows the process's exit code
+            raise
         finally:
             if job.tracker is not None:
                 job.tracker.finish(exit_code)
