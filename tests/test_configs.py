@@ -117,3 +117,10 @@ def test_a_family_without_a_part_rejects_it_in_scope():
 
     with pytest.raises(ConfigError, match=r"pruner\.scope=\['language', 'vision'\].*no part\(s\) \['vision'\]"):
         TextOnly.check_targets(["language", "vision"], ["q_proj"], "text_only")
+
+
+def test_a_sparsity_built_in_python_gets_the_same_label():
+    from mmprune_exp.config.schema import SparsityConfig
+
+    assert SparsityConfig(value=0.3).name == "s30"
+    assert SparsityConfig(value=0.5, structure="nm", n=2, m=4).name == "2of4"

@@ -119,6 +119,8 @@ class SparsityConfig:
     m: int = 0
 
     def __post_init__(self) -> None:
+        if self.name.startswith("${"):  # built in Python (not composed by Hydra): nothing resolved the label
+            self.name = sparsity_label(self.value, self.structure, self.n, self.m)
         require(0.0 <= self.value < 1.0, "value", f"must be in [0, 1), got {self.value}")
         require(
             self.structure in ("unstructured", "nm"),
