@@ -2,7 +2,7 @@
 
     prepare   validate the config (root keys, groups, targets the model family has), claim the run directory
               (fingerprint: a resume with another config is refused), read the benchmark and calibration data
-    load      the model
+    load      the model (a disk-streamed run reloads its pruned checkpoint after pruning)
     dense     evaluate the unpruned model, or reuse the cached baseline of the same model + benchmark
     prune     calibrate and prune (a disk-streamed model is written out and reloaded)
     report    achieved sparsity per matrix / layer / overall; save the pruned model if asked
@@ -119,11 +119,15 @@ def prepare(cfg: DictConfig) -> Job:
     return Job(cfg, run_dir, labels, list(hydra_cfg.overrides.task), benchmark, pruner, calibration, timer)
 
 
-def load(job: Job) -> ModelAdapter:
+def load(job: Job, pruned_dir: Path | None = None) -> ModelAdapter:
+    """The configured model, or (``pruned_dir``) the pruned checkpoint a disk-streamed run wrote, in memory."""
     from mmprune_exp.models import load_adapter
 
+    model_cfg = _obj(job.cfg.model)
+    if pruned_dir is not None:
+        model_cfg = replace(model_cfg, path=str(pruned_dir), offload="none")
     with job.timer("load"):
-        return load_adapter(_obj(job.cfg.model))
+        return load_adapter(model_cfg)
 
 
 def dense(job: Job, adapter: ModelAdapter) -> tuple[EvalResult | None, Path | None]:
@@ -153,22 +157,18 @@ def dense(job: Job, adapter: ModelAdapter) -> tuple[EvalResult | None, Path | No
     return result, cache
 
 
-def prune(job: Job, adapter: ModelAdapter) -> ModelAdapter:
-    """Prune in place; a disk-streamed model is written to ``pruned_model/`` and the pruned checkpoint reloaded."""
+def prune(job: Job, adapter: ModelAdapter) -> Path | None:
+    """Prune in place. A disk-streamed model is written to ``pruned_model/`` instead; returns that folder."""
     pruned_dir = job.run_dir / "pruned_model"
     if job.streamed:  # pruned layers are written to pruned_dir as they finish
         adapter.layer_streamer.begin_output(pruned_dir)
     with job.timer("prune"):
         job.pruner.prune(adapter, job.calibration)
     if not job.streamed:
-        return adapter
+        return None
     with job.timer("save"):
         adapter.layer_streamer.finalize()
-    del adapter
-    from mmprune_exp.models import load_adapter
-
-    with job.timer("load"):
-        return load_adapter(replace(_obj(job.cfg.model), path=str(pruned_dir), offload="none"))
+    return pruned_dir
 
 
 def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
@@ -273,7 +273,10 @@ def run(cfg: DictConfig) -> float:
             job.tracker = build_tracker(_obj(cfg.logger), OmegaConf.to_container(cfg, resolve=True), job.run_dir)
             adapter = load(job)
             dense_result, dense_dir = dense(job, adapter)
-            adapter = prune(job, adapter)
+            pruned_dir = prune(job, adapter)
+            if pruned_dir is not None:  # streamed: free the streamed model, evaluate the checkpoint just written
+                del adapter
+                adapter = load(job, pruned_dir)
             sparsity = report(job, adapter)
             result = evaluate_pruned(job, adapter)
             score = results(job, result, dense_result, dense_dir, sparsity)["score"]
