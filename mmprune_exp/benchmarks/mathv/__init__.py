@@ -163,25 +163,37 @@ def _check_problems(problems: list[tuple[str, MathVProblem]], source: str | Path
     check_unique_ids(((label, p.id) for label, p in problems), source, "id")
 
 
-def read_jsonl_problems(path: Path) -> list[MathVProblem]:
-    located = []
+def _jsonl_values(path: Path, error: type[DataError]):
+    """``(line number, record index, decoded value)`` for each non-blank line of a JSON-lines file.
+
+    A line that is not JSON, text that is not UTF-8 and an unreadable file raise ``error`` naming the file
+    and the line; what the values must look like is the caller's check.
+    """
     try:
         with path.open(encoding="utf-8") as f:
+            index = 0
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                at = where(f"{path}:{n}", len(located))
                 try:
-                    raw = json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise BenchmarkDataError(f"{at}: not valid JSON ({err})") from err
-                located.append((f"{len(located)} (line {n})", _problem(raw, at)))
-    except BenchmarkDataError:  # an OSError too (FileNotFoundError): not to be wrapped below
-        raise
+                    raise error(f"{where(f'{path}:{n}', index)}: not valid JSON ({err})") from err
+                yield n, index, value
+                index += 1
     except UnicodeDecodeError as err:
-        raise BenchmarkDataError(f"{path}: not UTF-8 text ({err})") from err
+        raise error(f"{path}: not UTF-8 text ({err})") from err
+    except DataError:  # also an OSError where the error type is one (BenchmarkDataError): not to be wrapped
+        raise
     except OSError as err:
-        raise BenchmarkDataError(f"{path}: cannot be read ({err})") from err
+        raise error(f"{path}: cannot be read ({err})") from err
+
+
+def read_jsonl_problems(path: Path) -> list[MathVProblem]:
+    located = [
+        (f"{index} (line {n})", _problem(raw, where(f"{path}:{n}", index)))
+        for n, index, raw in _jsonl_values(path, BenchmarkDataError)
+    ]
     _check_problems(located, path)
     return [p for _, p in located]
 
@@ -502,33 +514,20 @@ def read_response_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"--responses {path}: no such file")
     lines = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for n, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                at = where(f"{path}:{n}", len(lines))
-                try:
-                    line = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{at}: not valid JSON ({err})") from err
-                if not isinstance(line, dict):
-                    raise DataError(f'{at}: expected a JSON object {{"id": ..., "response": ...}}, got '
-                                    f"{type(line).__name__}")  # fmt: skip
-                pid = line.get("id")
-                if pid is None or isinstance(pid, bool) or not isinstance(pid, _SCALAR):
-                    raise DataError(f"{where(f'{path}:{n}', len(lines), key='id')}: "
-                                    + ("missing" if pid is None else f"expected a string, got {type(pid).__name__}"))
-                here = where(f"{path}:{n}", len(lines), str(pid), "response")
-                if "response" not in line:
-                    raise DataError(f"{here}: missing (use null for no answer)")
-                if line["response"] is not None and not isinstance(line["response"], str):
-                    raise DataError(f"{here}: expected a string or null, got {type(line['response']).__name__}")
-                lines.append(line)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from err
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err})") from err
+    for n, index, line in _jsonl_values(path, DataError):
+        if not isinstance(line, dict):
+            raise DataError(f'{where(f"{path}:{n}", index)}: expected a JSON object {{"id": ..., "response": ...}}, '
+                            f"got {type(line).__name__}")  # fmt: skip
+        pid = line.get("id")
+        if pid is None or isinstance(pid, bool) or not isinstance(pid, _SCALAR):
+            raise DataError(f"{where(f'{path}:{n}', index, key='id')}: "
+                            + ("missing" if pid is None else f"expected a string, got {type(pid).__name__}"))
+        here = where(f"{path}:{n}", index, str(pid), "response")
+        if "response" not in line:
+            raise DataError(f"{here}: missing (use null for no answer)")
+        if line["response"] is not None and not isinstance(line["response"], str):
+            raise DataError(f"{here}: expected a string or null, got {type(line['response']).__name__}")
+        lines.append(line)
     if not lines:
         raise DataError(f"--responses {path}: no lines to score (the file is empty)")
     return lines
