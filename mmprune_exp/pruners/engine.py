@@ -11,6 +11,12 @@
 
 Samples go through one at a time (batch size 1, no padding, no KV cache). Captured activations live on
 ``offload_device`` (CPU by default) and only the sample being processed is moved to the compute device.
+
+What a statistic sees. A statistic (``make_stat(linear)``) has ``add(x)``, called with the Linear's input.
+One that sets ``uses_output = True`` instead gets ``add(x, y, sample)``: the Linear's input, its output and a
+:class:`Sample` (index, visual-token mask, and the values the pruner computed for this sample and layer before
+the hooks ran, e.g. TAMP's attention prior). Input statistics are shared by the linears that read the same
+tensor (q/k/v; gate/up); output statistics are one per Linear.
 """
 
 from __future__ import annotations
@@ -52,6 +58,20 @@ def _move(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _move(v, device) for k, v in obj.items()}
     return obj
+
+
+@dataclass
+class Sample:
+    """What an output statistic knows about the sample whose activations it is given."""
+
+    index: int  # position in the calibration set
+    visual: torch.Tensor  # [seq] bool on the compute device, True at image/video tokens
+    values: dict[str, Any]  # the pruner's per-sample, per-layer values (``prepare_sample``)
+
+
+# prepare_sample(layer_index, layer, inputs_on_device) -> values for this sample and layer, computed from the
+# layer's input before any hook runs (the layer is still dense)
+SamplePreparer = Callable[[int, nn.Module, "LayerInputs"], dict[str, Any]]
 
 
 class _StopForward(Exception):
@@ -165,6 +185,7 @@ class SequentialEngine:
         on_layer: LayerCallback,
         desc: str = "prune",
         keep_dense_outputs: bool = False,
+        prepare_sample: SamplePreparer | None = None,
     ) -> list[LayerInputs]:
         """Returns the inputs of the layer after the last one (the final hidden states).
 
@@ -179,29 +200,13 @@ class SequentialEngine:
             if streamer is not None:
                 streamer.onload(index, self.device)
             linears = self.by_layer.get(index, {})
-            # Linears fed the same tensor (q/k/v; gate/up) share one statistic: accumulated once, and a
-            # pruner may cache work derived from it (SparseGPT's inverse Hessian factor).
-            stats: dict[str, Any] = {}
-            groups = self.adapter.input_groups(list(linears))
-            seen = [0]
-            expected = len(groups)
-
-            def collect(mod, args, stat, seen=seen, expected=expected):
-                stat.add(args[0])
-                seen[0] += 1
-                if not keep_dense_outputs and seen[0] == expected:
-                    raise _StopForward  # every statistic of this sample is in
-
-            handles = []
-            for group in groups:
-                stat = make_stat(linears[group[0]])
-                stats.update(dict.fromkeys(group, stat))
-                hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, stat=stat: collect(mod, args, stat))
-                handles.append(hook)
+            stats, handles, state = self._hook_statistics(linears, make_stat, keep_dense_outputs)
             dense_out: list[torch.Tensor] | None = []
             try:
-                for x in inputs:
-                    seen[0] = 0
+                for sample_index, x in enumerate(inputs):
+                    x = x.to(self.device)
+                    values = prepare_sample(index, layer, x) if prepare_sample is not None else {}
+                    state.update(seen=0, sample=Sample(sample_index, x.visual, values))
                     try:
                         dense_out.append(forward_layer(layer, x, self.device))
                     except _StopForward:
@@ -222,3 +227,41 @@ class SequentialEngine:
             if streamer is not None:  # write the pruned layer out and free it before the next one
                 streamer.offload(index, write=changed)
         return inputs
+
+    def _hook_statistics(self, linears: dict[str, nn.Linear], make_stat: Callable[[nn.Linear], Any],
+                         keep_dense_outputs: bool) -> tuple[dict[str, Any], list, dict[str, Any]]:  # fmt: skip
+        """Hook one statistic per input group (input statistics) or per Linear (output statistics).
+
+        Linears fed the same tensor (q/k/v; gate/up) share one input statistic: accumulated once, and a pruner
+        may cache work derived from it (SparseGPT's inverse Hessian factor). Unless dense outputs are kept,
+        each sample's pass stops once the last statistic has its data.
+        """
+        stats: dict[str, Any] = {}
+        handles = []
+        state: dict[str, Any] = {"seen": 0, "sample": None, "expected": 0}
+
+        def arrived() -> None:
+            state["seen"] += 1
+            if not keep_dense_outputs and state["seen"] == state["expected"]:
+                raise _StopForward  # every statistic of this sample is in
+
+        def on_input(mod, args, stat):
+            stat.add(args[0])
+            arrived()
+
+        def on_output(mod, args, output, stat):
+            stat.add(args[0], output, state["sample"])
+            arrived()
+
+        for group in self.adapter.input_groups(list(linears)):
+            first = make_stat(linears[group[0]])
+            if not getattr(first, "uses_output", False):
+                stats.update(dict.fromkeys(group, first))
+                handles.append(linears[group[0]].register_forward_pre_hook(lambda m, a, s=first: on_input(m, a, s)))
+                continue
+            for name in group:  # outputs differ per Linear: one statistic each
+                stat = first if name == group[0] else make_stat(linears[name])
+                stats[name] = stat
+                handles.append(linears[name].register_forward_hook(lambda m, a, o, s=stat: on_output(m, a, o, s)))
+        state["expected"] = len(handles)
+        return stats, handles, state

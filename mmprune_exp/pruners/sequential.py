@@ -32,8 +32,13 @@ class SequentialPruner(Pruner):
         """Hook before the pruning pass (OWL measures per-layer outlier ratios here)."""
 
     def layer_sparsity(self, index: int) -> SparsityConfig:
-        """Sparsity of decoder layer ``index``; uniform unless a subclass allocates per layer."""
+        """Sparsity of decoder layer ``index``; uniform unless a subclass allocates per layer (OWL)."""
         return self.sparsity
+
+    def matrix_sparsity(self, name: str, index: int) -> SparsityConfig:
+        """Sparsity of target matrix ``name`` in decoder layer ``index``; its layer's unless a subclass
+        allocates per matrix (TAMP's DAS)."""
+        return self.layer_sparsity(index)
 
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
         if calibration is None or not calibration.requests:
@@ -45,7 +50,6 @@ class SequentialPruner(Pruner):
 
     @torch.no_grad()
     def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, Any]) -> bool:
-        sparsity = self.layer_sparsity(index)
         for name, linear in linears.items():
-            self.prune_linear(name, linear, stats[name], sparsity)
+            self.prune_linear(name, linear, stats[name], self.matrix_sparsity(name, index))
         return True

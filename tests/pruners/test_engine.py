@@ -121,3 +121,62 @@ def test_linears_reading_the_same_input_share_one_statistic(random_tiny, request
     assert stats[p + "mlp.gate_proj"] is stats[p + "mlp.up_proj"]
     assert stats[p + "self_attn.o_proj"] is not stats[p + "self_attn.q_proj"]
     assert len({id(s) for s in stats.values()}) == 4 and stats[p + "mlp.down_proj"].n == 2
+
+
+class OutputRecorder:
+    """An output statistic that keeps what the engine hands it."""
+
+    uses_output = True
+
+    def __init__(self, linear):
+        self.linear = linear
+        self.calls = []
+
+    def add(self, x, y, sample):
+        self.calls.append((x.detach().clone(), y.detach().clone(), sample))
+
+
+def test_output_statistics_see_each_linears_output_the_visual_mask_and_prepared_values(random_tiny, requests):
+    targets = random_tiny.target_linears(["language"], PrunerConfig().modules)
+    inputs = collect_layer_inputs(random_tiny, requests[:3], 512)
+    seen, prepared = {}, []
+
+    def prepare(index, layer, x):
+        prepared.append((index, x.hidden.clone()))
+        return {"tag": (index, float(x.hidden.sum()))}
+
+    def record(index, linears, stats):
+        seen[index] = stats
+        return False
+
+    SequentialEngine(random_tiny, targets).run(inputs, OutputRecorder, record, prepare_sample=prepare)
+    n_layers = len(random_tiny.decoder_layers())
+    assert [i for i, _ in prepared] == [i for i in range(n_layers) for _ in range(3)]  # once per sample and layer
+    assert torch.equal(prepared[0][1], inputs[0].hidden)  # computed from the layer's own input
+    p = "model.language_model.layers.0."
+    stats = seen[0]
+    assert len({id(s) for s in stats.values()}) == 7  # one per Linear, even where inputs are shared
+    for stat in stats.values():
+        assert len(stat.calls) == 3  # every sample reached every hooked Linear (the early stop waits for outputs)
+        for k, (x, y, sample) in enumerate(stat.calls):
+            assert sample.index == k and torch.equal(sample.visual, inputs[k].visual)
+            assert sample.values["tag"][0] == 0
+            # the Linear's own output for that input (recomputed: a BLAS may round a copy at another alignment
+            # differently, hence a float tolerance rather than equality)
+            assert torch.allclose(y, stat.linear(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats[p + "self_attn.q_proj"].calls[0][0], stats[p + "self_attn.k_proj"].calls[0][0])
+
+
+def test_a_pruner_may_give_each_matrix_its_own_sparsity(random_tiny, requests):
+    from dataclasses import replace
+
+    from mmprune_exp.pruners import sparsity_report
+
+    pruner = build_pruner(PrunerConfig(name="wanda"), SparsityConfig())
+    per_matrix = {"q_proj": 0.25, "k_proj": 0.0, "v_proj": 0.0, "o_proj": 0.25, "gate_proj": 0.5, "up_proj": 0.5,
+                  "down_proj": 0.75}  # fmt: skip
+    pruner.matrix_sparsity = lambda name, index: replace(pruner.sparsity, value=per_matrix[name.rsplit(".", 1)[-1]])
+    pruner.prune(random_tiny, CalibrationData("shapes", requests[:2], 512))
+    report = sparsity_report(pruner.targets(random_tiny), random_tiny)
+    for name, value in report.per_matrix.items():
+        assert value == pytest.approx(per_matrix[name.rsplit(".", 1)[-1]], abs=0.01), name
