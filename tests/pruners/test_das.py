@@ -92,6 +92,16 @@ def test_ties_in_the_overshoot_step_go_to_the_first_matrix_in_order():
     assert kept(out, sizes) == {"x": 90, "a": 63, "b": 63, "y": 88}
 
 
+def test_the_overshoot_step_caps_each_matrix_at_keep_minus_the_truncated_floor():
+    sizes = {"B": 1001, "S1": 200, "S2": 200, "S3": 200, "S4": 200}
+    # T = 1801, keep_total = int(1801·0.445) = 801; floors ceil(250.25) = 251 and 50 x 4 (sum 451).
+    # Round 1: rest 350; B's share ~1e-7 -> 1 (252); S's 350/4 = 87.5 -> 88 (138 each); sum 804: overshoot 3.
+    # B first (252): it takes min(3, 252 - int(250.25)) = 2 (254; with ceil(250.25) it would take only 1),
+    # then S1 (ties keep order) takes the last 1 (139). Sum 807 = 801 + 2·3.
+    out = das_sparsities({"B": 1e-9, "S1": 1.0, "S2": 1.0, "S3": 1.0, "S4": 1.0}, sizes, 0.555, 0.75)
+    assert kept(out, sizes) == {"B": 254, "S1": 139, "S2": 138, "S3": 138, "S4": 138}
+
+
 def test_no_round_when_the_floors_already_cover_the_budget():
     sizes = {"a": 3, "b": 5}
     # s = s_max = 0.5: floors ceil(1.5) = 2, ceil(2.5) = 3, sum 5 > keep_total int(8·0.5) = 4: the loop never
