@@ -1,0 +1,123 @@
+"""TAMP's DAS pruner (pruner=tamp_das) on a random tiny Qwen2.5-VL, against restatements of the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmprune_exp.calibration import CalibrationData, shapes_calibration
+from mmprune_exp.config.schema import CalibrationConfig, PrunerConfig, SparsityConfig
+from mmprune_exp.errors import ConfigError
+from mmprune_exp.pruners import build_pruner, sparsity_report
+from mmprune_exp.pruners.das import das_sparsities
+from mmprune_exp.pruners.tamp import TampConfig
+
+MODULES = PrunerConfig().modules
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return CalibrationData("shapes", shapes_calibration(CalibrationConfig(nsamples=4)), 512)
+
+
+def restated_similarity(y: torch.Tensor, visual: torch.Tensor) -> tuple[float, float, float]:
+    """TAMP's cos_pairwise_density written out: pairs i < j with a positive cosine, per modality; all V-L pairs."""
+    y = y.reshape(-1, y.shape[-1]).double()
+    y = y / y.norm(dim=1, keepdim=True)
+    sims = y @ y.T
+    v = visual.nonzero().flatten().tolist()
+    t = (~visual).nonzero().flatten().tolist()
+
+    def positive_pairs(idx):
+        vals = [float(sims[i, j]) for a, i in enumerate(idx) for j in idx[a + 1 :] if sims[i, j] > 0]
+        return sum(vals) / len(vals)
+
+    vl = [float(sims[i, j]) for i in v for j in t]
+    return positive_pairs(v), positive_pairs(t), sum(vl) / len(vl)
+
+
+def restated_scores(adapter, requests) -> tuple[dict[str, float], dict[str, int]]:
+    """Diversity of every target Linear's outputs on the dense model, from full-model forwards with hooks."""
+    targets = adapter.target_linears(["language"], MODULES)
+    per_sample: dict[str, list[tuple[float, float, float]]] = {n: [] for n in targets}
+    visual = {}
+    handles = [
+        lin.register_forward_hook(lambda m, a, out, n=n: per_sample[n].append(restated_similarity(out, visual["mask"])))
+        for n, lin in targets.items()
+    ]
+    with torch.no_grad():
+        for request in requests:
+            batch = adapter.encode([request])
+            visual["mask"] = adapter.modality_mask(batch["input_ids"])[0]
+            adapter.model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    scores = {n: 3 - sum(sum(s[k] for s in v) / len(v) for k in range(3)) for n, v in per_sample.items()}
+    return scores, {n: lin.weight.numel() for n, lin in targets.items()}
+
+
+def test_das_sparsities_come_from_the_diversity_of_each_linears_dense_outputs(random_tiny, calibration):
+    scores, sizes = restated_scores(random_tiny, calibration.requests)
+    pruner = build_pruner(TampConfig(name="tamp_das"), SparsityConfig(value=0.6))
+    pruner.prune(random_tiny, calibration)
+    assert list(pruner.scores) == list(sizes)  # the model's parameter order, which the budget loop depends on
+    for name, score in scores.items():
+        # fp32 in the pruner vs float64 here, over a few hundred token pairs: agreement to ~1e-6 relative
+        assert pruner.scores[name] == pytest.approx(score, rel=1e-5, abs=1e-6), name
+    expected = das_sparsities(scores, sizes, 0.6, 0.7)
+    for name, value in expected.items():
+        # equal kept counts unless a score difference moves a ceil(): a few parameters of a ~4k-entry matrix
+        assert pruner.matrix_values[name] == pytest.approx(value, abs=1e-3), name
+    report = sparsity_report(pruner.targets(random_tiny), random_tiny)
+    total = sum(sizes.values())
+    assert sum(report.per_matrix[n] * sizes[n] for n in sizes) / total == pytest.approx(0.6, abs=0.01)
+    assert max(report.per_matrix.values()) <= 0.7 + 1e-9  # the cap, s + 0.1
+    for name, value in report.per_matrix.items():  # Wanda inside each matrix, at that matrix's sparsity
+        in_features = random_tiny.model.get_submodule(name).in_features
+        assert value == pytest.approx(int(in_features * pruner.matrix_values[name]) / in_features), name
+
+
+def test_small_matrices_stay_denser_than_the_mlp(random_tiny, calibration):
+    pruner = build_pruner(TampConfig(name="tamp_das"), SparsityConfig(value=0.6))
+    pruner.prune(random_tiny, calibration)
+    by_kind = {}
+    for name, value in pruner.matrix_values.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(value)
+    mean = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    assert max(mean["k_proj"], mean["v_proj"]) < min(mean["gate_proj"], mean["up_proj"], mean["down_proj"])
+
+
+def test_paper_allocation_keeps_the_weighted_mean_and_spares_diverse_matrices(random_tiny, calibration):
+    pruner = build_pruner(TampConfig(name="tamp_das", allocation="paper"), SparsityConfig(value=0.5))
+    pruner.prune(random_tiny, calibration)
+    sizes = {n: lin.weight.numel() for n, lin in pruner.targets(random_tiny).items()}
+    weighted = sum(pruner.matrix_values[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert weighted == pytest.approx(0.5, abs=1e-9)
+    ranked = sorted(pruner.scores, key=pruner.scores.get)
+    assert pruner.matrix_values[ranked[0]] >= pruner.matrix_values[ranked[-1]]  # more diverse -> pruned less
+
+
+def test_nm_ignores_das_and_equals_wanda(random_tiny_dir, calibration):
+    from mmprune_exp.config.schema import ModelConfig
+    from mmprune_exp.models import load_adapter
+
+    nm = SparsityConfig(value=0.5, structure="nm", n=2, m=4)
+    masks = []
+    for cfg in (TampConfig(name="tamp_das"), PrunerConfig(name="wanda")):
+        adapter = load_adapter(ModelConfig(path=str(random_tiny_dir), device="cpu"))
+        build_pruner(cfg, nm).prune(adapter, calibration)
+        masks.append({n: lin.weight == 0 for n, lin in adapter.target_linears(["language"], MODULES).items()})
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])  # same code path, same inputs
+
+
+def test_text_only_calibration_is_a_clear_error(random_tiny):
+    from mmprune_exp.models.base import Request
+
+    text_only = CalibrationData("text", [Request("a line of plain text", raw=True)] * 2, 512)
+    with pytest.raises(ConfigError, match="DAS needs calibration samples with both visual and text tokens"):
+        build_pruner(TampConfig(name="tamp_das"), SparsityConfig()).prune(random_tiny, text_only)
+
+
+def test_a_cap_below_the_target_is_refused():
+    with pytest.raises(ConfigError, match="pruner.max_sparsity=0.4"):
+        build_pruner(TampConfig(name="tamp_das", max_sparsity=0.4), SparsityConfig(value=0.5))
