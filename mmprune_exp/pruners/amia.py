@@ -11,7 +11,10 @@ sample's visual-token mask and the layer's attention prior ``a`` (last query row
 2. ``D = 1 - ŶŶᵀ``; each token's ``k`` nearest other tokens by ``D`` form its neighbourhood ``N(p)``.
 3. One message pass: ``g_p = a_p + Σ_{q ∈ N(p)} exp(-gamma·D_pq)·a_q`` (neighbours summed nearest first).
 4. Kernel ``K_pq = exp(-||ŷ_p - ŷ_q||² / (2σ²))``. For unit rows ``||ŷ_p - ŷ_q||² = 2 - 2ŷ_p·ŷ_q = 2·D_pq``, so
-   ``K = exp(-D / σ²)``, which is ``exp(-D)`` at the reference's ``σ = 1``. The diagonal is exactly 1.
+   ``K = exp(-D / σ²)``, which is ``exp(-D)`` at the reference's ``σ = 1``, and is computed so. An all-zero
+   output row (``F.normalize`` leaves it at zero) is not a unit row: its row and column use the reference's
+   ``||ŷ_p||² + ||ŷ_q||² - 2ŷ_p·ŷ_q`` (squared distance 1 to a unit row, not ``2·D = 2``). The diagonal is
+   exactly 1.
 5. Greedy, from ``S = ∅``: ``t = argmax g`` (first index on ties); every ``q ∈ N(t)`` is damped,
    ``g_q -= exp(-decay·D_tq)·max(g_t, 0)`` (with ``g_t`` read before ``t`` is masked); ``t`` joins ``S`` and
    leaves the competition; then ``MMD² = mean(K) + mean(K[S,S]) - 2·mean(K[:,S])`` (the biased V-statistic:
@@ -27,7 +30,7 @@ Gram matrix and the density.
 Deviations from the reference, all deliberate:
 
 - **fp32** (float64 when ``outputs`` is float64) instead of the reference's fp16 ``Y``, ``D``, ``K`` and ``g``;
-  the MMD² sums are float64.
+  the MMD² sums are float64 (from column sums of ``K`` in the compute dtype).
 - **Self is excluded explicitly from the neighbours** (the diagonal of ``D`` is set to ``+inf`` before the
   k smallest are taken). The reference takes ``topk(k+1, smallest)[:, 1:]``, assuming a token's nearest
   token is itself. With an exact duplicate (``D = 0`` to another token), or a near-duplicate that fp16
@@ -186,7 +189,12 @@ def select_tokens(
         return everything("no tokens")
     if n <= k:
         return everything(f"{n} token(s) for k={k} neighbours: all selected")
-    if not bool(torch.isfinite(Y).all()):
+    # The Gram matrix first: its diagonal (||ŷ_p||²) is NaN exactly where a row of Y holds a NaN or an inf,
+    # a cheaper test than scanning Y.
+    Yn = F.normalize(Y, dim=-1)
+    G = torch.mm(Yn, Yn.T)
+    sq = G.diagonal().clone()
+    if not bool(torch.isfinite(sq).all()):
         return everything("non-finite outputs: all selected")
 
     notes: list[str] = []
@@ -201,17 +209,26 @@ def select_tokens(
         return everything("density undefined: all selected", notes=tuple(notes))
     threshold = threshold_scale * math.sqrt(max(1.0 - density, 0.0))
 
-    # Gram -> D in place (diagonal exactly 0) -> K; then the diagonal of D goes to +inf for the neighbours.
-    Yn = F.normalize(Y, dim=-1)
-    D = torch.mm(Yn, Yn.T)
-    D.neg_().add_(1.0)
-    D.fill_diagonal_(0.0)
-    K = torch.mul(D, -1.0 / sigma**2).exp_()
-    colsum = K.sum(dim=0, dtype=torch.float64)
+    # K = exp(-||ŷ_p - ŷ_q||² / (2σ²)) = exp(-D/σ²) = exp((G - 1)/σ²) for unit rows, diagonal exactly 1. A row
+    # F.normalize left (near) zero (norm below its eps) is not a unit row: its row and column of K use the
+    # squared distance ||ŷ_p||² + ||ŷ_q||² - 2·G_pq itself, as the reference's RBF does (1 to a unit row,
+    # where 2·D would say 2).
+    K = torch.sub(G, 1.0)
+    if sigma != 1.0:
+        K.mul_(1.0 / sigma**2)
+    odd = (sq < 0.5).nonzero().squeeze(1)
+    if odd.numel():
+        exact = (sq[odd, None] + sq[None, :] - 2.0 * G[odd]) * (-0.5 / sigma**2)
+        K[odd] = exact
+        K[:, odd] = exact.T
+    K.fill_diagonal_(0.0)
+    K.exp_()
+    colsum = K.sum(dim=0).to(torch.float64)
     mean_k = float(colsum.sum()) / (n * n)
+    D = G.neg_().add_(1.0)
     D.fill_diagonal_(float("inf"))
     nbr, nbr_dist = _nearest(D, k)
-    del D
+    del D, G
 
     # One-hop message pass, nearest neighbour first (a fixed summation order).
     spread = torch.zeros_like(prior)

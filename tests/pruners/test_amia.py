@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from mmprune_exp.pruners.amia import select_tokens
+from mmprune_exp.pruners.amia import select_tokens, selected_sum_of_squares
+from mmprune_exp.pruners.stats import RowScaler
 
 
 def restated(outputs, visual, prior, k=3, sigma=1.0, decay=0.2, gamma=1.0, threshold_scale=0.1):
@@ -26,7 +27,7 @@ def restated(outputs, visual, prior, k=3, sigma=1.0, decay=0.2, gamma=1.0, thres
     n = len(rows)
     y = []
     for row in rows:
-        norm = math.sqrt(sum(v * v for v in row))
+        norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)  # as F.normalize: a zero row stays zero
         y.append([v / norm for v in row])
 
     def dot(p, q):
@@ -253,3 +254,212 @@ def test_low_precision_outputs_are_computed_in_fp32():
         sel = select_tokens(outputs.to(dtype).float(), visual, prior.float())
         assert select_tokens(outputs.to(dtype), visual, prior).indices.tolist() == sel.indices.tolist()
     assert ref.initial_scores.dtype == torch.float32
+
+
+# -- neighbours of duplicate tokens ---------------------------------------------------------------
+
+
+def test_duplicates_neighbours_exclude_self_and_ties_go_to_the_lower_index():
+    # Exact duplicates (basis vectors: every similarity is exactly 0 or 1, every D exactly 1 or 0).
+    e = torch.eye(4, dtype=torch.float64)
+    outputs = torch.stack([e[0], e[0], e[0], e[0], e[1], e[1], e[2], e[3], e[0] + e[1]])
+    visual = torch.tensor([True] * 5 + [False] * 4)
+    prior = torch.linspace(0.1, 0.9, 9, dtype=torch.float64)
+    sel = select_tokens(outputs, visual, prior)
+    # Token 2's duplicates are 0, 1, 3 (D = 0). The reference's topk(4)[:, 1:] assumes the nearest is self
+    # and drops the first of the four zeros, which need not be token 2 itself.
+    assert sel.neighbours[0].tolist() == [1, 2, 3]
+    assert sel.neighbours[2].tolist() == [0, 1, 3]
+    assert sel.neighbours[3].tolist() == [0, 1, 2]
+    # Token 4 (e1) has one duplicate (5), then the diagonal token 8 (D = 1 - 1/√2), then the lowest-index
+    # token at D = 1.
+    assert sel.neighbours[4].tolist() == [5, 8, 0]
+    assert all(p not in sel.neighbours[p].tolist() for p in range(9))
+    ref = restated(outputs, visual, prior)
+    assert sel.neighbours.tolist() == ref["knn"]
+    assert sel.indices.tolist() == ref["S"]
+
+
+# -- guards ---------------------------------------------------------------------------------------
+
+
+def assert_valid(sel, n):
+    idx = sel.indices.tolist()
+    assert len(set(idx)) == len(idx) and all(0 <= p < n for p in idx)
+    assert torch.isfinite(sel.mmd2).all()
+    assert sel.n_visual_selected + sel.n_text_selected == len(idx)
+    assert n == 0 or len(idx) >= 1
+
+
+def test_all_identical_tokens_terminate():
+    row = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    outputs = row * torch.linspace(0.5, 2.0, 30)[:, None]  # same direction, different norms
+    visual = torch.arange(30) < 12
+    prior = torch.softmax(torch.randn(30, generator=torch.Generator().manual_seed(1)), 0)
+    sel = select_tokens(outputs, visual, prior)
+    assert_valid(sel, 30)
+    # ρ is 1 up to rounding: the threshold is 0 (never NaN). MMD² is 0 up to rounding at every step, so the
+    # loop either stops on a rounding-negative MMD² or takes every token and says so.
+    assert sel.density == pytest.approx(1.0, abs=1e-6)
+    assert sel.threshold == pytest.approx(0.0, abs=1e-3)
+    assert sel.mmd2.abs().max() < 1e-5
+    assert len(sel.indices) == 30 or sel.mmd2[-1] < sel.threshold
+    assert len(sel.indices) < 30 or sel.fallback is None or sel.fallback.startswith("never_stopped")
+
+
+def test_density_above_one_by_rounding_gives_a_zero_threshold():
+    outputs = torch.ones(8, 4, dtype=torch.float64)
+    sel = select_tokens(outputs, torch.arange(8) < 4, torch.full((8,), 0.125, dtype=torch.float64))
+    assert_valid(sel, 8)
+    assert sel.threshold >= 0 and not math.isnan(sel.threshold)
+
+
+def test_anti_correlated_tokens_terminate():
+    y, z = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    outputs = torch.stack([y, -y, z, -z, 2 * y, -3 * z])
+    visual = torch.tensor([True, True, False, False, True, False])
+    prior = torch.tensor([0.3, 0.1, 0.2, 0.2, 0.1, 0.1])
+    sel = select_tokens(outputs, visual, prior)
+    assert_valid(sel, 6)
+    # Visual pairs: y·(-y) = -1, y·2y = 1 (one positive pair): μ_vv = 1. Text pairs: z·(-z) = -1,
+    # z·(-3z) = -1, (-z)·(-3z) = 1: μ_ll = 1. Visual-text: all 0. ρ = 2/3.
+    assert sel.density == pytest.approx(2 / 3, abs=1e-6)
+    # Without any positive pair in either modality the reference's ρ is NaN; here those means are 0.
+    sel = select_tokens(outputs[:4], visual[:4], prior[:4] / prior[:4].sum())
+    assert_valid(sel, 4)
+    assert sel.density == 0.0
+    assert sel.threshold == pytest.approx(0.1)
+    assert "no positive visual-visual similarity" in sel.fallback
+    assert "no positive text-text similarity" in sel.fallback
+
+
+def test_orthogonal_tokens_all_similarities_zero():
+    outputs = torch.eye(10)
+    visual = torch.arange(10) < 5
+    prior = torch.linspace(1, 2, 10) / 15
+    sel = select_tokens(outputs, visual, prior)
+    assert_valid(sel, 10)
+    assert sel.density == 0.0 and "no positive" in sel.fallback
+
+
+@pytest.mark.parametrize("modality", ["visual", "text"])
+def test_a_single_modality_uses_its_own_mean(modality):
+    outputs, _, prior = clustered(2, 60, dtype=torch.float32)
+    visual = torch.full((60,), modality == "visual")
+    sel = select_tokens(outputs, visual, prior)
+    assert_valid(sel, 60)
+    sims = torch.nn.functional.normalize(outputs, dim=-1) @ torch.nn.functional.normalize(outputs, dim=-1).T
+    upper = sims[torch.triu(torch.ones(60, 60, dtype=torch.bool), diagonal=1)]
+    assert sel.density == pytest.approx(float(upper[upper > 0].mean()), abs=1e-6)
+    other = "text" if modality == "visual" else "visual"
+    assert f"0 {other} token(s)" in sel.fallback and "no visual-text term" in sel.fallback
+    assert (sel.n_visual_selected > 0) == (modality == "visual")
+    assert (sel.n_text_selected > 0) == (modality == "text")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_fewer_tokens_than_neighbours_select_all(n):
+    outputs = torch.randn(n, 8, generator=torch.Generator().manual_seed(n))
+    sel = select_tokens(outputs, torch.arange(n) < 1, torch.full((n,), 1.0))
+    assert_valid(sel, n)
+    assert sel.indices.tolist() == list(range(n))
+    assert sel.fallback is not None and len(sel.mmd2) == 0
+
+
+def test_two_tokens_with_one_neighbour_run_the_loop():
+    outputs = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    sel = select_tokens(outputs, torch.tensor([True, False]), torch.tensor([0.4, 0.6]), k=1)
+    assert_valid(sel, 2)
+    assert sel.indices[0].item() == 1  # 0.6 + exp(-0.4)·0.4 beats 0.4 + exp(-0.4)·0.6
+    ref = restated(outputs, torch.tensor([True, False]), torch.tensor([0.4, 0.6]), k=1)
+    assert sel.indices.tolist() == ref["S"]
+
+
+def test_nan_prior_entries_count_as_zero():
+    outputs, visual, prior = clustered(1, 80, dtype=torch.float32)
+    broken = prior.clone()
+    broken[[3, 17, 40]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    cleaned = broken.clone()
+    cleaned[[3, 17, 40]] = 0.0
+    sel = select_tokens(outputs, visual, broken)
+    assert_valid(sel, 80)
+    assert sel.indices.tolist() == select_tokens(outputs, visual, cleaned).indices.tolist()
+    assert "3 non-finite prior entries set to 0" in sel.fallback
+    assert torch.isfinite(sel.initial_scores).all()
+
+
+def test_non_finite_outputs_select_all():
+    outputs, visual, prior = clustered(1, 20, dtype=torch.float32)
+    outputs[5, 2] = float("nan")
+    sel = select_tokens(outputs, visual, prior)
+    assert sel.indices.tolist() == list(range(20)) and "non-finite outputs" in sel.fallback
+
+
+def test_never_stopping_ends_with_every_token():
+    outputs, visual, prior = clustered(4, 70, dtype=torch.float32)
+    sel = select_tokens(outputs, visual, prior, threshold_scale=-1.0)  # MMD² >= 0 > threshold, always
+    assert_valid(sel, 70)
+    assert sorted(sel.indices.tolist()) == list(range(70)) and len(sel.mmd2) == 70
+    assert sel.fallback.startswith("never_stopped")
+    assert abs(sel.mmd2[-1].item()) < 1e-6  # S = all tokens: the two distributions are the same
+    assert sel.mask().all()
+
+
+def test_zero_rows_and_other_parameters():
+    outputs, visual, prior = clustered(7, 50)
+    outputs[[4, 9]] = 0.0  # F.normalize leaves them at zero: D = 1 to everything, squared distance 1 to unit rows
+    for kwargs in ({}, {"k": 0}, {"k": 5, "sigma": 0.5, "decay": 1.0, "gamma": 2.0}, {"threshold_scale": 0.01}):
+        sel = select_tokens(outputs, visual, prior, **kwargs)
+        assert_valid(sel, 50)
+        ref = restated(outputs, visual, prior, **kwargs)
+        assert sel.indices.tolist() == ref["S"]
+        assert torch.allclose(sel.mmd2, torch.tensor(ref["mmd2"], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert {4, 9} <= set(sel.indices.tolist())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="visual-mask"):
+        select_tokens(torch.randn(5, 3), torch.ones(4, dtype=torch.bool), torch.ones(5))
+    with pytest.raises(ValueError, match="k must be"):
+        select_tokens(torch.randn(5, 3), torch.ones(5, dtype=torch.bool), torch.ones(5), k=-1)
+
+
+# -- the Wanda statistic over the selected inputs ---------------------------------------------------
+
+
+def test_selecting_every_token_is_exactly_wandas_sum_of_squares():
+    x = torch.randn(1, 37, 24, generator=torch.Generator().manual_seed(5)) * 3
+    wanda = RowScaler(24)
+    wanda.add(x)  # one sample: scaler = Σ x² / 1
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(6))  # a selection order
+    for indices in (torch.arange(37), order):
+        sums, count = selected_sum_of_squares(x, indices)
+        assert count == 37 and sums.dtype == torch.float32
+        assert torch.equal(sums, wanda.scaler)
+
+
+def test_selected_sum_of_squares_of_a_subset():
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    indices = torch.tensor([7, 2, 2, 15])  # a repeat counts once
+    sums, count = selected_sum_of_squares(x, indices)
+    assert count == 3
+    expected = [sum(float(x[p, c]) ** 2 for p in (2, 7, 15)) for c in range(6)]
+    assert torch.allclose(sums.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_amia_statistic_over_samples_counts_tokens():
+    """The reference's running form equals Σ over samples of Σ_S x² divided by the number of tokens."""
+    gen = torch.Generator().manual_seed(9)
+    samples = [torch.randn(n, 5, generator=gen) for n in (6, 11, 4)]
+    selections = [torch.tensor([0, 3]), torch.tensor([1, 2, 5, 9, 10]), torch.tensor([3])]
+    running, seen = torch.zeros(5), 0
+    for x, s in zip(samples, selections, strict=True):  # the reference's update, per sample
+        running = running * seen / (seen + len(s))
+        seen += len(s)
+        running = running + torch.norm(x[s], p=2, dim=0) ** 2 / seen
+    total, count = torch.zeros(5), 0
+    for x, s in zip(samples, selections, strict=True):
+        sums, c = selected_sum_of_squares(x, s)
+        total, count = total + sums, count + c
+    assert count == 8
+    assert torch.allclose(total / count, running, rtol=1e-6, atol=0)
