@@ -35,8 +35,9 @@ Deviations from the reference, all deliberate:
   k smallest are taken). The reference takes ``topk(k+1, smallest)[:, 1:]``, assuming a token's nearest
   token is itself. With an exact duplicate (``D = 0`` to another token), or a near-duplicate that fp16
   rounding puts below the rounded self-distance ``1 - ||ŷ||²``, that assumption fails: the reference may drop
-  a genuine neighbour and keep the token itself, so its message pass adds ``a_p`` a second time and its
-  damping damps the selected token (harmless there: it is masked right after). Here a token's neighbours are
+  a genuine neighbour and keep the token itself, so its message pass adds ``a_p`` a second time in place of
+  that neighbour's prior, and its damping spares that neighbour and damps the selected token instead (which
+  is masked right after). Here a token's neighbours are
   always ``k`` other tokens. Ties in distance go to the **lower index** (the reference's ``topk`` leaves the
   order of ties unspecified); rows without ties use ``topk`` directly, rows with ties a stable sort.
 - **A selected token is masked with ``-inf``** instead of the reference's ``g[S] = min(g) - 1``. Both only
