@@ -173,9 +173,14 @@ def prune(job: Job, adapter: ModelAdapter) -> Path | None:
 
 def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
     from mmprune_exp.pruners import sparsity_report
+    from mmprune_exp.pruners.report import sparsity_heatmap
 
     result = sparsity_report(job.pruner.targets(adapter), adapter)
     (job.run_dir / "sparsity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    title = f"{job.labels['pruner']} {job.labels['sparsity']}: overall {result.overall:.3f}"
+    heatmap = sparsity_heatmap(result, job.run_dir / "sparsity.png", title) if job.cfg.pruner.name != "none" else None
+    if heatmap is not None:
+        job.tracker.log_image("sparsity/heatmap", heatmap)
     log.info("sparsity over %d target matrices: %.4f", len(result.per_matrix), result.overall)
     if job.cfg.save_model or job.streamed:
         pruned_dir = job.run_dir / "pruned_model"

@@ -57,6 +57,9 @@ class Tracker:
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
         pass
 
+    def log_image(self, key: str, path: Path) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -252,6 +255,9 @@ class WandbTracker(Tracker):
         columns = list(dict.fromkeys(k for row in rows for k in row))
         data = [[_cell(row.get(c)) for c in columns] for row in rows]
         self._guard("table", lambda: self.run.log({key: self._wandb.Table(columns=columns, data=data)}))
+
+    def log_image(self, key: str, path: Path) -> None:
+        self._guard("image", lambda: self.run.log({key: self._wandb.Image(str(path))}))
 
     def finish(self, exit_code: int = 0) -> None:
         """Finish the W&B run with the job's exit code (nonzero: failed). Only the first call does anything."""

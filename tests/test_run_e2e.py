@@ -92,6 +92,10 @@ def test_offline_wandb_run_holds_config_and_metrics(runs, name):
     assert logged["dense/shapes_vqa/score"] == pytest.approx(results["dense_score"])
     assert logged["sparsity/overall"] == pytest.approx(results["sparsity"])
     assert "time/eval_s" in logged and "mem/peak_rss_gb" in logged
+    if name == "magnitude":  # the per-matrix sparsity heatmap, in the run dir and on W&B
+        assert (run_dir / "sparsity.png").exists() and logged["sparsity/heatmap/_type"] == "image-file"
+    else:
+        assert not (run_dir / "sparsity.png").exists()
     assert run.summary["recovery"] == pytest.approx(results["recovery"])
     # the per-sample table: one row per evaluated sample, stored in the run's media folder
     assert logged["samples/shapes_vqa/_type"] == "table-file" and logged["samples/shapes_vqa/nrows"] == 24
