@@ -176,7 +176,8 @@ def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
     from mmprune_exp.pruners.report import sparsity_heatmap
 
     result = sparsity_report(job.pruner.targets(adapter), adapter)
-    (job.run_dir / "sparsity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    method = job.pruner.report()
+    (job.run_dir / "sparsity.json").write_text(json.dumps(result.to_dict() | ({"method": method} if method else {}), indent=2))
     title = f"{job.labels['pruner']} {job.labels['sparsity']}: overall {result.overall:.3f}"
     heatmap = sparsity_heatmap(result, job.run_dir / "sparsity.png", title) if job.cfg.pruner.name != "none" else None
     if heatmap is not None:

@@ -99,6 +99,11 @@ class ModelAdapter(ABC):
     def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool tensor, True where a token is a visual (image or video) placeholder token."""
 
+    def last_query_attention(self, layer: nn.Module, inputs) -> torch.Tensor:
+        """How much the last token attends to each token of one sample in decoder ``layer`` (mean over heads,
+        fp32 ``[N]``), from the layer's captured inputs: TAMP's AMIA prior. A family that supports it overrides."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compute the last-query attention prior")
+
     def save(self, path: Path) -> None:
         """Write a checkpoint plain transformers can load: pruned weights are dense tensors with zeros."""
         self.model.save_pretrained(path, safe_serialization=True)

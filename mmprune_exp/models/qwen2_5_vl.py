@@ -244,5 +244,10 @@ class Qwen25VLAdapter(ModelAdapter):
             groups.setdefault(key, []).append(name)
         return list(groups.values())
 
+    def last_query_attention(self, layer: nn.Module, inputs) -> torch.Tensor:
+        from mmprune_exp.models.attention_prior import last_query_attention
+
+        return last_query_attention(layer, inputs)
+
     def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))

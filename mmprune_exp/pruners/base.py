@@ -26,6 +26,10 @@ class Pruner:
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
         raise NotImplementedError
 
+    def report(self) -> dict:
+        """What the method measured on the way (scores, token counts, ...), saved in sparsity.json; default none."""
+        return {}
+
     def targets(self, adapter: ModelAdapter):
         return adapter.target_linears(list(self.cfg.scope), list(self.cfg.modules))
 

@@ -200,13 +200,14 @@ class SequentialEngine:
             if streamer is not None:
                 streamer.onload(index, self.device)
             linears = self.by_layer.get(index, {})
+            # Before any hook exists: preparing may run the layer's own Linears (AMIA's prior runs q/k_proj).
+            values = [prepare_sample(index, layer, x.to(self.device)) if prepare_sample else {} for x in inputs]
             stats, handles, state = self._hook_statistics(linears, make_stat, keep_dense_outputs)
             dense_out: list[torch.Tensor] | None = []
             try:
                 for sample_index, x in enumerate(inputs):
                     x = x.to(self.device)
-                    values = prepare_sample(index, layer, x) if prepare_sample is not None else {}
-                    state.update(seen=0, sample=Sample(sample_index, x.visual, values))
+                    state.update(seen=0, sample=Sample(sample_index, x.visual, values[sample_index]))
                     try:
                         dense_out.append(forward_layer(layer, x, self.device))
                     except _StopForward:

@@ -28,6 +28,11 @@ class SequentialPruner(Pruner):
     def prune_linear(self, name: str, linear: nn.Linear, stat: Any, sparsity: SparsityConfig) -> None:
         raise NotImplementedError
 
+    def prepare_sample(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict[str, Any]:
+        """Values for one sample and decoder layer, from the layer's input before the statistics hooks run (the
+        layer still dense); output statistics receive them as ``sample.values``. Default: none."""
+        return {}
+
     def plan(self, engine: SequentialEngine, inputs: list[LayerInputs]) -> None:
         """Hook before the pruning pass (OWL measures per-layer outlier ratios here)."""
 
@@ -46,7 +51,7 @@ class SequentialPruner(Pruner):
         engine = SequentialEngine(adapter, self.targets(adapter))
         inputs = collect_layer_inputs(adapter, calibration.requests, calibration.max_length)
         self.plan(engine, inputs)
-        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}")
+        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}", prepare_sample=self.prepare_sample)
 
     @torch.no_grad()
     def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, Any]) -> bool:

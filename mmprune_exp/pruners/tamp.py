@@ -1,7 +1,10 @@
-"""TAMP (Lee et al., G-JWLee/TAMP) on the sequential engine: diversity-aware per-matrix sparsity (DAS), then
-Wanda inside each matrix. See shared/reference/weight_pruners.md §5.4-5.5.
+"""TAMP (Lee et al., G-JWLee/TAMP) on the sequential engine: diversity-aware per-matrix sparsity (DAS) and
+token-selected input activations (AMIA) on the Wanda metric. See shared/reference/weight_pruners.md §5.4-5.6.
 
-``pruner=tamp_das``, as the reference runs it:
+``pruner=tamp`` is both (the paper's method); ``tamp_das`` and ``tamp_amia`` are each half alone, and with
+both switched off (``pruner=tamp pruner.das=false pruner.amia=false``) it is Wanda exactly.
+
+DAS, as the reference runs it:
 
 1. A dense pass over every decoder layer (weights untouched, dense outputs fed forward). For every target
    Linear and calibration sample, the modality similarity of that Linear's *output* tokens
@@ -17,7 +20,13 @@ Wanda inside each matrix. See shared/reference/weight_pruners.md §5.4-5.5.
 N:M sparsity ignores DAS, as the reference does (its N:M branch never reads the sparsity dict): every matrix
 gets n:m and the dense pass is skipped.
 
-The AMIA half of TAMP (token-selected input activations) is not wired yet; ``tamp_das`` is DAS + plain Wanda.
+AMIA, during the sequential pruning pass: for every decoder layer and sample, the last query's attention over
+the tokens (the layer's input, layer still dense; the adapter's ``last_query_attention``); then for every target
+Linear, the tokens ``amia.select_tokens`` picks from that Linear's outputs (3-NN graph score from the prior,
+greedy pick with neighbour decay, MMD² stopping rule), and Wanda's Σx² over the *selected input* tokens only
+(tokens counted over all samples). The reference never computes the prior for ``--token_selection amia`` (a
+bug, §0): here it is computed. Guards that fire (no visual or no text tokens, a selection that never stops)
+are counted and logged.
 """
 
 from __future__ import annotations
@@ -26,10 +35,12 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from mmprune_exp.config.schema import PrunerConfig, SparsityConfig, require
 from mmprune_exp.errors import ConfigError
+from mmprune_exp.pruners.amia import select_tokens, selected_sum_of_squares
 from mmprune_exp.pruners.base import register_pruner
 from mmprune_exp.pruners.das import das_sparsities, paper_sparsities
 from mmprune_exp.pruners.diversity import RunningSimilarity, modality_similarity
@@ -45,8 +56,16 @@ ALLOCATIONS = ("code", "paper")
 class TampConfig(PrunerConfig):
     """TAMP knobs (reference defaults from ``scripts/prune/tamp.sh``)."""
 
+    das: bool = True  # per-matrix sparsity from output diversity (off: uniform)
+    amia: bool = True  # Wanda statistic over AMIA-selected tokens (off: over all tokens)
     allocation: str = "code"  # code: the reference's budget loop | paper: sparsity ∝ 1/diversity
     max_sparsity: float | None = None  # per-matrix cap of DAS; null = target sparsity + 0.1
+    # AMIA (reference values): neighbours in the token graph, message-pass and decay rates, RBF width, stop scale
+    knn: int = 3
+    gamma: float = 1.0
+    decay: float = 0.2
+    sigma: float = 1.0
+    threshold_scale: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +75,9 @@ class TampConfig(PrunerConfig):
             "max_sparsity",
             f"must be in [0, 1) or null, got {self.max_sparsity}",
         )
+        require(self.knn > 0, "knn", f"must be positive, got {self.knn}")
+        require(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
+        require(self.threshold_scale > 0, "threshold_scale", f"must be positive, got {self.threshold_scale}")
 
 
 class OutputDiversity:
@@ -70,7 +92,42 @@ class OutputDiversity:
         self.similarity.add(modality_similarity(y, sample.visual))
 
 
-@register_pruner("tamp_das", schema=TampConfig)
+class AMIAScaler:
+    """Output statistic: Wanda's per-input-channel Σx² over the tokens AMIA selects, per Linear.
+
+    ``scaler = Σ_samples Σ_selected x² / Σ_samples |selected|``: the reference's running form, which counts
+    tokens (Wanda counts samples; the per-row ranking is the same either way).
+    """
+
+    uses_output = True
+
+    def __init__(self, linear: nn.Linear, cfg: TampConfig, guards: dict[str, int], selected: dict[str, list]):
+        self.sum = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+        self.count = 0
+        self.cfg = cfg
+        self.guards = guards  # shared by the pruner: how often each fallback fired
+        self.selected = selected  # shared: [visual, text, total tokens] per call
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, sample: Sample) -> None:
+        cfg = self.cfg
+        picked = select_tokens(y, sample.visual, sample.values["attention_prior"], k=cfg.knn, sigma=cfg.sigma,
+                               decay=cfg.decay, gamma=cfg.gamma, threshold_scale=cfg.threshold_scale)  # fmt: skip
+        if picked.fallback:
+            for reason in picked.fallback.split("; "):
+                self.guards[reason] = self.guards.get(reason, 0) + 1
+        sums, count = selected_sum_of_squares(x, picked.indices)
+        self.sum += sums.to(self.sum.device)
+        self.count += count
+        self.selected.setdefault("calls", []).append((picked.n_visual_selected, picked.n_text_selected, picked.n_tokens))
+
+    @property
+    def scaler(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+@register_pruner("tamp", schema=TampConfig)
+@register_pruner("tamp_das")
+@register_pruner("tamp_amia")
 class TampPruner(WandaPruner):
     def __init__(self, cfg: TampConfig, sparsity: SparsityConfig):
         super().__init__(cfg, sparsity)
@@ -81,8 +138,49 @@ class TampPruner(WandaPruner):
             )
         self.matrix_values: dict[str, float] = {}
         self.scores: dict[str, float] = {}
+        self.amia_guards: dict[str, int] = {}
+        self.amia_tokens: dict[int, dict[str, float]] = {}  # layer -> mean selected visual/text tokens per sample
+        self._layer_selected: dict[str, list] = {}
+
+    def make_stat(self, linear: nn.Linear):
+        if not self.cfg.amia:
+            return super().make_stat(linear)
+        return AMIAScaler(linear, self.cfg, self.amia_guards, self._layer_selected)
+
+    def prepare_sample(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict:
+        if not self.cfg.amia:
+            return {}
+        return {"attention_prior": self.adapter.last_query_attention(layer, inputs)}
+
+    def prune(self, adapter, calibration) -> None:
+        self.adapter = adapter  # AMIA asks it for the attention prior
+        super().prune(adapter, calibration)
+        if self.amia_guards:
+            log.warning("%s: AMIA fallbacks (token selection guard: times): %s", self.cfg.name, self.amia_guards)
+        if self.amia_tokens:
+            log.info("%s: AMIA tokens selected per sample and Linear (layer: visual, text of total): %s", self.cfg.name,
+                     {i: f"{v['visual']:.1f}, {v['text']:.1f} of {v['total']:.1f}" for i, v in self.amia_tokens.items()})
+
+    def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict) -> bool:
+        calls = self._layer_selected.pop("calls", [])
+        if calls:
+            self.amia_tokens[index] = {key: sum(c[k] for c in calls) / len(calls)
+                                       for k, key in enumerate(("visual", "text", "total"))}  # fmt: skip
+        return super()._prune_layer(index, linears, stats)
+
+    def report(self) -> dict:
+        out: dict = {}
+        if self.scores:
+            out["das_scores"] = self.scores
+        if self.amia_tokens:
+            out["amia_tokens_per_layer"] = {str(i): v for i, v in self.amia_tokens.items()}
+        if self.amia_guards:
+            out["amia_fallbacks"] = self.amia_guards
+        return out
 
     def plan(self, engine: SequentialEngine, inputs: list[LayerInputs]) -> None:
+        if not self.cfg.das:
+            return
         if self.sparsity.structure == "nm":
             log.info("%s: N:M sparsity ignores DAS (as the reference does); every matrix at %d:%d",
                      self.cfg.name, self.sparsity.n, self.sparsity.m)  # fmt: skip

@@ -58,7 +58,7 @@ def restated_scores(adapter, requests) -> tuple[dict[str, float], dict[str, int]
 
 def test_das_sparsities_come_from_the_diversity_of_each_linears_dense_outputs(random_tiny, calibration):
     scores, sizes = restated_scores(random_tiny, calibration.requests)
-    pruner = build_pruner(TampConfig(name="tamp_das"), SparsityConfig(value=0.6))
+    pruner = build_pruner(TampConfig(name="tamp_das", amia=False), SparsityConfig(value=0.6))
     pruner.prune(random_tiny, calibration)
     assert list(pruner.scores) == list(sizes)  # the model's parameter order, which the budget loop depends on
     for name, score in scores.items():
@@ -78,7 +78,7 @@ def test_das_sparsities_come_from_the_diversity_of_each_linears_dense_outputs(ra
 
 
 def test_small_matrices_stay_denser_than_the_mlp(random_tiny, calibration):
-    pruner = build_pruner(TampConfig(name="tamp_das"), SparsityConfig(value=0.6))
+    pruner = build_pruner(TampConfig(name="tamp_das", amia=False), SparsityConfig(value=0.6))
     pruner.prune(random_tiny, calibration)
     by_kind = {}
     for name, value in pruner.matrix_values.items():
@@ -88,7 +88,7 @@ def test_small_matrices_stay_denser_than_the_mlp(random_tiny, calibration):
 
 
 def test_paper_allocation_keeps_the_weighted_mean_and_spares_diverse_matrices(random_tiny, calibration):
-    pruner = build_pruner(TampConfig(name="tamp_das", allocation="paper"), SparsityConfig(value=0.5))
+    pruner = build_pruner(TampConfig(name="tamp_das", amia=False, allocation="paper"), SparsityConfig(value=0.5))
     pruner.prune(random_tiny, calibration)
     sizes = {n: lin.weight.numel() for n, lin in pruner.targets(random_tiny).items()}
     weighted = sum(pruner.matrix_values[n] * sizes[n] for n in sizes) / sum(sizes.values())
@@ -103,7 +103,7 @@ def test_nm_ignores_das_and_equals_wanda(random_tiny_dir, calibration):
 
     nm = SparsityConfig(value=0.5, structure="nm", n=2, m=4)
     masks = []
-    for cfg in (TampConfig(name="tamp_das"), PrunerConfig(name="wanda")):
+    for cfg in (TampConfig(name="tamp_das", amia=False), PrunerConfig(name="wanda")):
         adapter = load_adapter(ModelConfig(path=str(random_tiny_dir), device="cpu"))
         build_pruner(cfg, nm).prune(adapter, calibration)
         masks.append({n: lin.weight == 0 for n, lin in adapter.target_linears(["language"], MODULES).items()})
@@ -115,9 +115,67 @@ def test_text_only_calibration_is_a_clear_error(random_tiny):
 
     text_only = CalibrationData("text", [Request("a line of plain text", raw=True)] * 2, 512)
     with pytest.raises(ConfigError, match="DAS needs calibration samples with both visual and text tokens"):
-        build_pruner(TampConfig(name="tamp_das"), SparsityConfig()).prune(random_tiny, text_only)
+        build_pruner(TampConfig(name="tamp_das", amia=False), SparsityConfig()).prune(random_tiny, text_only)
 
 
 def test_a_cap_below_the_target_is_refused():
     with pytest.raises(ConfigError, match="pruner.max_sparsity=0.4"):
-        build_pruner(TampConfig(name="tamp_das", max_sparsity=0.4), SparsityConfig(value=0.5))
+        build_pruner(TampConfig(name="tamp_das", amia=False, max_sparsity=0.4), SparsityConfig(value=0.5))
+
+
+def test_tamp_with_both_halves_off_is_wanda_bit_for_bit(random_tiny_dir, calibration):
+    from mmprune_exp.config.schema import ModelConfig
+    from mmprune_exp.models import load_adapter
+
+    masks = []
+    for cfg in (TampConfig(name="tamp", das=False, amia=False), PrunerConfig(name="wanda")):
+        adapter = load_adapter(ModelConfig(path=str(random_tiny_dir), device="cpu"))
+        build_pruner(cfg, SparsityConfig(value=0.6)).prune(adapter, calibration)
+        masks.append({n: lin.weight.clone() for n, lin in adapter.target_linears(["language"], MODULES).items()})
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])  # the same code path: Wanda's
+
+
+def test_amia_statistic_is_sum_of_squares_over_the_selected_input_tokens(random_tiny, calibration, monkeypatch):
+    """Layer 0, restated: each Linear's (input, output) from a plain forward of the dense layer, the prior from
+    the adapter, AMIA's selection, Σx² over the selected input tokens divided by the selected count."""
+    from mmprune_exp.pruners.amia import select_tokens
+    from mmprune_exp.pruners.engine import collect_layer_inputs, forward_layer
+    from mmprune_exp.pruners.tamp import TampPruner
+
+    inputs = collect_layer_inputs(random_tiny, calibration.requests, 512)  # before pruning changes the model
+    layer = random_tiny.decoder_layers()[0]
+    targets = {n: lin for n, lin in random_tiny.target_linears(["language"], MODULES).items() if ".layers.0." in n}
+    sums = {n: torch.zeros(lin.in_features) for n, lin in targets.items()}
+    counts = dict.fromkeys(targets, 0)
+    for x in inputs:
+        prior = random_tiny.last_query_attention(layer, x)
+        seen = {}
+        handles = [lin.register_forward_hook(lambda m, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0][0], o[0])))
+                   for n, lin in targets.items()]  # fmt: skip
+        with torch.no_grad():
+            forward_layer(layer, x, torch.device("cpu"))
+        for h in handles:
+            h.remove()
+        for name, (inp, out) in seen.items():
+            picked = select_tokens(out, x.visual, prior).indices
+            sums[name] += (inp[picked].double() ** 2).sum(0).float()
+            counts[name] += len(picked)
+
+    recorded = {}
+    original = TampPruner.prune_linear
+
+    def spy(self, name, linear, stat, sparsity):
+        recorded[name] = (stat.scaler.clone(), stat.count)
+        return original(self, name, linear, stat, sparsity)
+
+    monkeypatch.setattr(TampPruner, "prune_linear", spy)
+    pruner = build_pruner(TampConfig(name="tamp_amia", das=False), SparsityConfig(value=0.5))
+    pruner.prune(random_tiny, calibration)
+    for name in targets:
+        scaler, count = recorded[name]
+        assert count == counts[name] and 0 < count < sum(x.hidden.shape[1] for x in inputs), name  # a subset
+        # float64 restatement vs the fp32 running sums: a few ulps relative
+        assert torch.allclose(scaler, sums[name] / counts[name], rtol=1e-5, atol=1e-7), name
+    report = pruner.report()
+    tokens = report["amia_tokens_per_layer"]["0"]
+    assert 0 < tokens["visual"] + tokens["text"] < tokens["total"]  # fewer tokens than the samples hold

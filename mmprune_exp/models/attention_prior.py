@@ -14,11 +14,13 @@ function of the same signature; the model adapter is the natural owner of that c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from mmprune_exp.pruners.engine import LayerInputs
+if TYPE_CHECKING:  # models/ does not import the pruners at run time
+    from mmprune_exp.pruners.engine import LayerInputs
 
 try:  # the same rotation the model applies (x·cos + rotate_half(x)·sin); present in transformers 4.x and 5.x
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
@@ -124,7 +126,7 @@ def last_query_attention(
     both rotated with the captured multimodal rotary tables; each query head reads the KV head that
     ``repeat_kv`` gives it (head // num_key_value_groups), done as a grouped matmul instead of copying K.
     """
-    if isinstance(inputs, LayerInputs):
+    if hasattr(inputs, "hidden"):  # a LayerInputs
         hidden = inputs.hidden
         position_embeddings = inputs.kwargs.get("position_embeddings")
         if attention_mask is None:
