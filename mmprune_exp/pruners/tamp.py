@@ -53,19 +53,30 @@ ALLOCATIONS = ("code", "paper")
 
 
 @dataclass
-class TampConfig(PrunerConfig):
+class AMIAConfig(PrunerConfig):
+    """AMIA's token-selection knobs (reference values), shared by TAMP and Qwen-TAMP."""
+
+    knn: int = 3  # neighbours in the token graph
+    gamma: float = 1.0  # message-pass rate: g = a + Σ exp(−gamma·d)·a_nbr
+    decay: float = 0.2  # neighbour damping after a pick: exp(−decay·d)·max(g_t, 0)
+    sigma: float = 1.0  # RBF width of the MMD kernel
+    threshold_scale: float = 0.1  # stop when MMD² < threshold_scale·sqrt(1 − mean similarity)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.knn > 0, "knn", f"must be positive, got {self.knn}")
+        require(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
+        require(self.threshold_scale > 0, "threshold_scale", f"must be positive, got {self.threshold_scale}")
+
+
+@dataclass
+class TampConfig(AMIAConfig):
     """TAMP knobs (reference defaults from ``scripts/prune/tamp.sh``)."""
 
     das: bool = True  # per-matrix sparsity from output diversity (off: uniform)
     amia: bool = True  # Wanda statistic over AMIA-selected tokens (off: over all tokens)
     allocation: str = "code"  # code: the reference's budget loop | paper: sparsity ∝ 1/diversity
     max_sparsity: float | None = None  # per-matrix cap of DAS; null = target sparsity + 0.1
-    # AMIA (reference values): neighbours in the token graph, message-pass and decay rates, RBF width, stop scale
-    knn: int = 3
-    gamma: float = 1.0
-    decay: float = 0.2
-    sigma: float = 1.0
-    threshold_scale: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,9 +86,6 @@ class TampConfig(PrunerConfig):
             "max_sparsity",
             f"must be in [0, 1) or null, got {self.max_sparsity}",
         )
-        require(self.knn > 0, "knn", f"must be positive, got {self.knn}")
-        require(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
-        require(self.threshold_scale > 0, "threshold_scale", f"must be positive, got {self.threshold_scale}")
 
 
 class OutputDiversity:
@@ -101,7 +109,7 @@ class AMIAScaler:
 
     uses_output = True
 
-    def __init__(self, linear: nn.Linear, cfg: TampConfig, guards: dict[str, int], selected: dict[str, list]):
+    def __init__(self, linear: nn.Linear, cfg: AMIAConfig, guards: dict[str, int], selected: dict[str, list]):
         self.sum = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
         self.count = 0
         self.cfg = cfg
