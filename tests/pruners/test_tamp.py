@@ -179,3 +179,56 @@ def test_amia_statistic_is_sum_of_squares_over_the_selected_input_tokens(random_
     report = pruner.report()
     tokens = report["amia_tokens_per_layer"]["0"]
     assert 0 < tokens["visual"] + tokens["text"] < tokens["total"]  # fewer tokens than the samples hold
+
+
+def test_qwen_tamp_prunes_qkv_per_layer_by_input_diversity(random_tiny, calibration, monkeypatch):
+    from mmprune_exp.pruners.amia import select_tokens
+    from mmprune_exp.pruners.engine import collect_layer_inputs
+    from mmprune_exp.pruners.qwen_tamp import QwenTampConfig, QwenTampPruner
+
+    # Restated on the dense model: each decoder layer's input hidden states, from the model's own forward.
+    layers = random_tiny.decoder_layers()
+    per_layer: dict[int, list] = {i: [] for i in range(len(layers))}
+    visual = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: per_layer[i].append(restated_similarity(
+            kwargs.get("hidden_states", args[0] if args else None), visual["mask"])), with_kwargs=True)
+        for i, layer in enumerate(layers)]  # fmt: skip
+    with torch.no_grad():
+        for request in calibration.requests:
+            batch = random_tiny.encode([request])
+            visual["mask"] = random_tiny.modality_mask(batch["input_ids"])[0]
+            random_tiny.model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    expected_scores = {i: 3 - sum(sum(s[k] for s in v) / len(v) for k in range(3)) for i, v in per_layer.items()}
+
+    layer0 = collect_layer_inputs(random_tiny, calibration.requests, 512)  # dense layer-0 inputs
+    q0 = "model.language_model.layers.0.self_attn.q_proj"
+    sums, count = torch.zeros(random_tiny.model.get_submodule(q0).in_features), 0
+    with torch.no_grad():
+        for x in layer0:
+            picked = select_tokens(x.hidden, x.visual, random_tiny.last_query_attention(layers[0], x)).indices
+            normed = layers[0].input_layernorm(x.hidden)[0]  # what q/k/v receive
+            sums += (normed[picked].double() ** 2).sum(0).float()
+            count += len(picked)
+    recorded = {}
+    original = QwenTampPruner.prune_linear
+    monkeypatch.setattr(QwenTampPruner, "prune_linear", lambda self, name, lin, stat, sp: (
+        recorded.__setitem__(name, (stat.scaler.clone(), stat.count, sp.value)), original(self, name, lin, stat, sp)))
+
+    pruner = build_pruner(QwenTampConfig(name="qwen_tamp"), SparsityConfig(value=0.5))
+    pruner.prune(random_tiny, calibration)
+    for i, score in expected_scores.items():
+        assert pruner.layer_scores[i] == pytest.approx(score, rel=1e-5, abs=1e-6), i  # fp32 vs float64
+    values = pruner.layer_values
+    assert sum(values.values()) / len(values) == pytest.approx(0.5, abs=1e-9)  # equal layer sizes: plain mean
+    ranked = sorted(values, key=lambda i: pruner.layer_scores[i])
+    assert values[ranked[0]] >= values[ranked[-1]]  # less diverse input -> pruned more
+    assert {n.rsplit(".", 1)[-1] for n in recorded} == {"q_proj", "k_proj", "v_proj"}  # nothing else pruned
+    for name, (_, _, value) in recorded.items():
+        assert value == values[int(name.split(".layers.")[1].split(".")[0])]  # one sparsity per layer
+    scaler, n, _ = recorded[q0]
+    assert n == count and torch.allclose(scaler, sums / count, rtol=1e-5, atol=1e-7)  # selected inputs only
+    report = sparsity_report(pruner.targets(random_tiny), random_tiny)
+    assert all(".self_attn." in name for name in report.per_matrix)
