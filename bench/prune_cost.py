@@ -7,7 +7,16 @@ mark) with 2 threads, on 16 calibration samples of 512 tokens:
 
 - ``plain``: one forward pass of every sample through every layer, the floor any layer-wise method pays;
 - ``wanda``, ``sparsegpt``: the sequential engine (statistics pass, prune, re-forward), 50% unstructured;
+- ``tamp``: TAMP as ``pruner=tamp`` runs it: the DAS dense pass (output diversity of every target Linear)
+  included in the seconds, then the pruning pass with AMIA's attention prior and per-Linear token selection;
 - ``*_disk``: the same with ``model.offload=disk`` (layers streamed from the shards, written back pruned).
+
+The samples are random text from the tiny character tokenizer, with no image: DAS and AMIA need visual and
+text tokens, so after the layer-0 inputs are captured a block of ``--visual-tokens`` positions (default 256 of
+the 512, starting at position 16, as an image placed after a short prompt would be) is marked visual in every
+sample's ``LayerInputs.visual``. The hidden states there are text embeddings, which the random weights make no
+different from image embeddings; only the mask matters to what is measured (the cost of DAS's and AMIA's
+per-modality means depends on the split, not on the values). The other methods never read the mask.
 
 Seconds count the layer loop only (capturing layer-0 inputs is the same for every method and reported
 apart). Run: ``python bench/prune_cost.py [--layers 2 8] [--json out.json]``; ``--layers 2 --disk-layers 8``
@@ -27,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"hidden": 2048, "intermediate": 11008, "heads": 16, "kv_heads": 2, "mrope_section": (16, 24, 24)}
-METHODS = ("plain", "wanda", "sparsegpt", "plain_disk", "wanda_disk")
+METHODS = ("plain", "wanda", "sparsegpt", "tamp", "plain_disk", "wanda_disk", "tamp_disk")
+VISUAL_START = 16  # first position marked visual (see the module docstring)
 
 
 def build_checkpoint(out: Path, layers: int, seed: int = 0) -> None:
@@ -50,7 +60,20 @@ def build_checkpoint(out: Path, layers: int, seed: int = 0) -> None:
     processor.save_pretrained(out)
 
 
-def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
+def mark_visual(inputs: list, tokens: int) -> list:
+    """Every sample's positions ``VISUAL_START .. VISUAL_START + tokens`` marked visual (module docstring)."""
+    from dataclasses import replace
+
+    out = []
+    for x in inputs:
+        visual = x.visual.clone()
+        end = min(VISUAL_START + tokens, visual.numel() - 1)  # keep text after the block, the last token included
+        visual[VISUAL_START:end] = True
+        out.append(replace(x, visual=visual))
+    return out
+
+
+def worker(model_dir: str, method: str, samples: int, tokens: int, visual_tokens: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -77,7 +100,9 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
     start = time.perf_counter()
     inputs = collect_layer_inputs(adapter, requests, max_length=tokens)
     capture_s = time.perf_counter() - start
+    inputs = mark_visual(inputs, visual_tokens)
     n_layers = len(adapter.decoder_layers())
+    plan_s = 0.0
     start = time.perf_counter()
     if base == "plain":
         SequentialEngine(adapter, {}).run(inputs, RowScaler, lambda *a: False, desc="plain")
@@ -85,12 +110,19 @@ def worker(model_dir: str, method: str, samples: int, tokens: int) -> dict:
         cfg = SCHEMAS["pruner"].get(base, PrunerConfig)(name=base)
         pruner = build_pruner(cfg, SparsityConfig(name="s50", value=0.5))
         engine = SequentialEngine(adapter, pruner.targets(adapter))
-        engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base)
+        if base == "tamp":  # what SequentialPruner.prune does after the capture: DAS's dense pass, AMIA's prior
+            pruner.adapter = adapter
+            pruner.plan(engine, inputs)
+            plan_s = time.perf_counter() - start
+            engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base, prepare_sample=pruner.prepare_sample)
+        else:
+            engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base)
     loop_s = time.perf_counter() - start
     return {
         "method": method,
         "layers": n_layers,
         "seconds_per_layer": loop_s / n_layers,
+        "plan_seconds_per_layer": plan_s / n_layers,  # TAMP: the DAS pass, included in seconds_per_layer
         "capture_s": capture_s,
         "peak_rss_gb": peak_rss_gb(),
     }
@@ -105,12 +137,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--visual-tokens", type=int, default=256, help="positions marked visual in every sample")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--workdir", type=Path, help="where the random checkpoints go (default: a temp dir)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.samples, args.tokens)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.samples, args.tokens, args.visual_tokens)))
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prune_cost_models_"))
@@ -125,7 +158,8 @@ def main() -> None:
             build_checkpoint(model_dir, layers)
         for method in methods:
             cmd = [sys.executable, __file__, "--worker", str(model_dir), method,
-                   "--samples", str(args.samples), "--tokens", str(args.tokens)]  # fmt: skip
+                   "--samples", str(args.samples), "--tokens", str(args.tokens),
+                   "--visual-tokens", str(args.visual_tokens)]  # fmt: skip
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
