@@ -52,6 +52,17 @@ def _obj(node: DictConfig) -> Any:
     return OmegaConf.to_object(node)
 
 
+def _numeric_leaves(tree: dict, prefix: str) -> dict[str, float]:
+    """``{"a": {"b": 1.5}}`` -> ``{"<prefix>/a/b": 1.5}``: the numbers of a nested dict, for the tracker."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _numeric_leaves(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
 def dense_cache_key(cfg: DictConfig, device: str) -> str:
     """Everything that changes the dense model's answers: weights, numerics, data, generation args."""
     from mmprune_exp.rundir import checkpoint_fingerprint
@@ -182,6 +193,8 @@ def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
     heatmap = sparsity_heatmap(result, job.run_dir / "sparsity.png", title) if job.cfg.pruner.name != "none" else None
     if heatmap is not None:
         job.tracker.log_image("sparsity/heatmap", heatmap)
+    if method:  # what the method measured (DAS scores, AMIA's tokens per layer, ...) as W&B scalars
+        job.tracker.log(_numeric_leaves(method, f"method/{job.cfg.pruner.name}"))
     log.info("sparsity over %d target matrices: %.4f", len(result.per_matrix), result.overall)
     if job.cfg.save_model or job.streamed:
         pruned_dir = job.run_dir / "pruned_model"

@@ -243,3 +243,25 @@ def test_disk_streamed_run_prunes_like_the_in_memory_run(tmp_path):
         for name in ("disk", "memory")
     )))  # fmt: skip
     assert same >= 15 and disk["score"] == pytest.approx(memory["score"], abs=1 / 16)
+
+
+def test_tamp_run_reports_its_profile_scores_and_tokens(tmp_path):
+    """`python run.py pruner=tamp sparsity=s60`: the per-matrix profile, DAS scores and AMIA's tokens, on disk and
+    on W&B."""
+    run_py(tmp_path / "tamp", "pruner=tamp", "sparsity=s60", "benchmark.limit=16", "logger=wandb")
+    results = json.loads((tmp_path / "tamp" / "results.json").read_text())
+    # Wanda's int(C·s) per row rounds every matrix down a little (C = 128 here); DAS's budget itself is exact
+    assert results["sparsity"] == pytest.approx(0.6, abs=0.01)
+    report = json.loads((tmp_path / "tamp" / "sparsity.json").read_text())
+    kinds: dict[str, list[float]] = {}
+    for name, value in report["per_matrix"].items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(value)
+    mean = {k: sum(v) / len(v) for k, v in kinds.items()}
+    assert max(mean["k_proj"], mean["v_proj"]) < min(mean["gate_proj"], mean["up_proj"], mean["down_proj"])
+    method = report["method"]
+    assert set(method["das_scores"]) == set(report["per_matrix"])
+    assert set(method["amia_tokens_per_layer"]) == {"0", "1", "2", "3"}
+    (offline,) = list((tmp_path / "tamp" / "wandb").glob("offline-run-*"))
+    logged = {k: v for step in read_offline_run(offline).history for k, v in step.items()}
+    assert logged["method/tamp/amia_tokens_per_layer/0/total"] == method["amia_tokens_per_layer"]["0"]["total"]
+    assert (tmp_path / "tamp" / "sparsity.png").exists()
