@@ -514,6 +514,12 @@ def print_tamp(tamp: dict) -> None:
             agree = [r[f"{dtype}_mask_agreement"] for r in amia["linears"]]
             print(f"    accumulated statistic: max rel diff {rel:.2e}; Wanda mask agreement min {min(agree):.6f} "
                   f"mean {sum(agree) / len(agree):.6f} over {len(agree)} linears")  # fmt: skip
+            differing = {d["linear"] for d in v["disagreements"]}
+            same = [r for r in amia["linears"] if r["linear"] not in differing]
+            if same:
+                print(f"    on the {len(same)} linears whose token sets agree in every sample: statistic max rel diff "
+                      f"{max(r[f'{dtype}_scaler_max_rel_diff'] for r in same):.2e}, Wanda masks identical on "
+                      f"{sum(r[f'{dtype}_mask_agreement'] == 1.0 for r in same)}")  # fmt: skip
 
 
 def main() -> None:
