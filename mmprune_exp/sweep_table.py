@@ -20,7 +20,10 @@ from mmprune_exp.errors import USER_ERROR_EXIT, DataError
 def load_results(root: Path) -> pd.DataFrame:
     """One row per job: its group labels, score, dense score, recovery and achieved sparsity."""
     rows = []
-    for path in sorted(root.rglob("results.json")):
+    # Jobs in launch order: Hydra numbers them 0, 1, ..., 10 (a plain sort would put 10 before 2).
+    paths = sorted(root.rglob("results.json"),
+                   key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parent.parts])
+    for path in paths:
         try:
             res = json.loads(path.read_text())
         except json.JSONDecodeError as err:
