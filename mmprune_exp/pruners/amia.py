@@ -5,9 +5,10 @@ Reference: G-JWLee/TAMP, ``llava/pruners/wanda_pruner.py::AdaptiveMultimodalInpu
 (semantics in shared/reference/weight_pruners.md §5.6). With the Linear's outputs ``Y`` (``N x d_out``), the
 sample's visual-token mask and the layer's attention prior ``a`` (last query row, mean over heads):
 
-1. ``Ŷ`` = ``Y`` with unit rows; ``ρ`` = AMIA's density ``(μ_vv + μ_ll + μ_vl) / 3``, from
+1. ``Ŷ`` = ``Y`` with unit rows; ``ρ`` = AMIA's density ``(μ_vv + μ_ll + μ_vl) / 3``, the means of
    :func:`mmprune_exp.pruners.diversity.modality_similarity` (positive-only upper-triangle means within a
-   modality, plain mean between them).
+   modality, plain mean between them), read off the blocks of the Gram matrix ``ŶŶᵀ`` that steps 2 and 4 need
+   anyway (``diversity.gram_modality_similarity``), in the compute dtype.
 2. ``D = 1 - ŶŶᵀ``; each token's ``k`` nearest other tokens by ``D`` form its neighbourhood ``N(p)``.
 3. One message pass: ``g_p = a_p + Σ_{q ∈ N(p)} exp(-gamma·D_pq)·a_q`` (neighbours summed nearest first).
 4. Kernel ``K_pq = exp(-||ŷ_p - ŷ_q||² / (2σ²))``. For unit rows ``||ŷ_p - ŷ_q||² = 2 - 2ŷ_p·ŷ_q = 2·D_pq``, so
@@ -24,8 +25,8 @@ The selection order depends on ``g`` only, never on the MMD, so the greedy order
 small loop over ``N``-sized arrays (argmax, three subtractions), and the MMD² of every prefix of a chunk is
 computed at once from ``K`` rows gathered for the chunk (``ΣK[S,S]`` grows by ``2·ΣK[t,S_old] + K[t,t]`` per
 token, ``ΣK[:,S]`` by the column sum of ``t``; both accumulated in float64). Chunks double in size, so the
-MMD work is ``O(|S_final|·N)`` at most about twice over, and the whole call is dominated by the ``N x N``
-Gram matrix and the density.
+MMD work is ``O(|S_final|·N)`` at most about twice over, and the whole call is dominated by the one ``N x N``
+Gram matrix.
 
 Deviations from the reference, all deliberate:
 
@@ -76,7 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmprune_exp.pruners.diversity import modality_similarity
+from mmprune_exp.pruners.diversity import gram_modality_similarity
 
 _FIRST_CHUNK = 32  # greedy steps before the first MMD² check; each further chunk doubles
 
@@ -104,9 +105,10 @@ class AMIASelection:
         return m
 
 
-def _density(outputs: torch.Tensor, visual: torch.Tensor) -> tuple[float, list[str]]:
-    """ρ with the NaN guards of the module docstring, and a note for each guard that fired."""
-    sim = modality_similarity(outputs, visual)
+def _density(gram: torch.Tensor, visual: torch.Tensor) -> tuple[float, list[str]]:
+    """ρ from the Gram matrix ``ŶŶᵀ`` with the NaN guards of the module docstring, and a note for each guard
+    that fired."""
+    sim = gram_modality_similarity(gram, visual)
     n_visual = int(visual.sum())
     counts = {"visual": n_visual, "text": visual.numel() - n_visual}
     terms, notes = [], []
@@ -128,7 +130,7 @@ def _density(outputs: torch.Tensor, visual: torch.Tensor) -> tuple[float, list[s
 def _nearest(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices and distances of the ``k`` smallest entries of each row (diagonal already ``+inf``), nearest
     first, ties to the lower index. ``topk`` does not order ties, so rows with any tie among their ``k + 1``
-    smallest values (one more, to see a tie at the boundary) are redone with a stable sort."""
+    smallest values (one more, to see a tie at the boundary) are redone exactly: see :func:`_nearest_exact`."""
     n = D.shape[0]
     if k == 0:
         return torch.empty(n, 0, dtype=torch.long, device=D.device), D[:, :0]
@@ -138,8 +140,26 @@ def _nearest(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = idx[:, :k].clone()
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
-        idx[rows] = torch.sort(D[rows], dim=1, stable=True).indices[:, :k]
+        idx[rows] = _nearest_exact(D.index_select(0, rows), k)
     return idx, D.gather(1, idx)
+
+
+def _nearest_exact(D: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest entries of each row in (value, index) order: what a stable sort's first ``k`` are.
+
+    For fp32 rows, without sorting whole rows: each entry gets the int64 key ``(v << 32) + column``, where
+    ``v`` is the float's bit pattern mapped to an int32 that orders like the float (negative floats have
+    their magnitude bits flipped; ``-0.0`` is first made ``+0.0``, which compares equal to it). Keys are
+    unique and order exactly as (value, column), so ``topk`` on them is the stable sort's prefix. Repeated
+    tokens (a repeated word or image patch at the first layer gives identical outputs) can tie most rows,
+    and this is ~10x cheaper than sorting them. Other dtypes use the stable sort.
+    """
+    if D.dtype != torch.float32:
+        return torch.sort(D, dim=1, stable=True).indices[:, :k]
+    bits = (D + 0.0).view(torch.int32)  # + 0.0: -0.0 -> +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    keys = bits.mul_(1 << 32).add_(torch.arange(D.shape[1], device=D.device))
+    return keys.topk(k, dim=1, largest=False, sorted=True).indices
 
 
 def select_tokens(
@@ -204,7 +224,7 @@ def select_tokens(
         notes.append(f"{int((~finite).sum())} non-finite prior entries set to 0")
         prior = torch.where(finite, prior, torch.zeros((), dtype=dtype, device=device))
 
-    density, density_notes = _density(Y, visual)
+    density, density_notes = _density(G, visual)
     notes += density_notes
     if math.isnan(density):
         return everything("density undefined: all selected", notes=tuple(notes))

@@ -39,11 +39,14 @@ class ModalitySimilarity:
         return (self.vv + self.ll + self.vl) / 3.0
 
 
-def _positive_upper_mean(x: torch.Tensor) -> float:
-    sims = x @ x.T
+def _positive_upper_mean(sims: torch.Tensor) -> float:
+    """Mean of the entries above the diagonal of a square similarity block that are > 0 (NaN if none).
+
+    Summed as the positive part of the strict upper triangle: one ``triu`` copy, then in place, instead of
+    gathering the positive entries into a new tensor (the same entries; the sum may differ in the last bit)."""
     upper = torch.triu(sims, diagonal=1)
-    positive = upper[upper > 0]
-    return float(positive.mean()) if positive.numel() else float("nan")
+    count = int((upper > 0).sum())
+    return float(upper.clamp_(min=0).sum()) / count if count else float("nan")
 
 
 def normalized_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -51,15 +54,47 @@ def normalized_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1)
 
 
-def modality_similarity(tokens: torch.Tensor, visual: torch.Tensor) -> ModalitySimilarity:
-    """Mean cosine similarities within and between modalities of one sample's tokens (module docstring)."""
-    y = normalized_tokens(tokens)
-    visual = visual.reshape(-1).to(device=y.device, dtype=torch.bool)
-    if visual.numel() != y.shape[0]:
-        raise ValueError(f"visual mask has {visual.numel()} entries for {y.shape[0]} tokens")
-    yv, yl = y[visual], y[~visual]
-    vl = float((yv @ yl.T).mean()) if len(yv) and len(yl) else float("nan")
-    return ModalitySimilarity(_positive_upper_mean(yv), _positive_upper_mean(yl), vl)
+def _split(visual: torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the visual and of the text tokens (ascending)."""
+    visual = visual.reshape(-1).to(device=device, dtype=torch.bool)
+    if visual.numel() != n:
+        raise ValueError(f"visual mask has {visual.numel()} entries for {n} tokens")
+    return visual.nonzero().squeeze(1), (~visual).nonzero().squeeze(1)
+
+
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, idx)`` for ascending ``idx``; a view when ``idx`` is one contiguous run (an image's
+    tokens usually are), which saves copying ``len(idx) x d`` values."""
+    if len(idx) and int(idx[-1] - idx[0]) == len(idx) - 1:
+        return x.narrow(dim, int(idx[0]), len(idx))
+    return x.index_select(dim, idx)
+
+
+def modality_similarity(tokens: torch.Tensor, visual: torch.Tensor, normalized: bool = False) -> ModalitySimilarity:
+    """Mean cosine similarities within and between modalities of one sample's tokens (module docstring).
+
+    ``normalized=True``: ``tokens`` already has unit rows (e.g. from :func:`normalized_tokens`), used as given.
+    Only the visual-visual and text-text blocks of ``ŶŶᵀ`` are multiplied out (their positive entries are
+    needed one by one); the visual-text mean is a plain mean, ``(Σ_v ŷ)·(Σ_l ŷ) / (n_v·n_l)``, from two sums
+    of rows: half the work of the full ``N x N`` product for an even split.
+    """
+    y = tokens.reshape(-1, tokens.shape[-1]) if normalized else normalized_tokens(tokens)
+    iv, il = _split(visual, y.shape[0], y.device)
+    yv, yl = _take(y, 0, iv), _take(y, 0, il)
+    vl = float(yv.sum(dim=0) @ yl.sum(dim=0)) / (len(yv) * len(yl)) if len(yv) and len(yl) else float("nan")
+    return ModalitySimilarity(_positive_upper_mean(yv @ yv.T), _positive_upper_mean(yl @ yl.T), vl)
+
+
+def gram_modality_similarity(gram: torch.Tensor, visual: torch.Tensor) -> ModalitySimilarity:
+    """:func:`modality_similarity` from the Gram matrix ``ŶŶᵀ`` of the unit-row tokens (``N x N``), for a caller
+    that has it anyway (AMIA): its visual-visual and text-text blocks, and the mean of its visual-text block."""
+    iv, il = _split(visual, gram.shape[0], gram.device)
+
+    def block(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return _take(_take(gram, 0, rows), 1, cols)
+
+    vl = float(block(iv, il).mean()) if len(iv) and len(il) else float("nan")
+    return ModalitySimilarity(_positive_upper_mean(block(iv, iv)), _positive_upper_mean(block(il, il)), vl)
 
 
 class RunningSimilarity:
