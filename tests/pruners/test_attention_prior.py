@@ -10,8 +10,8 @@ import torch
 from mmprune_exp.calibration import shapes_calibration
 from mmprune_exp.config.schema import CalibrationConfig, ModelConfig
 from mmprune_exp.models import load_adapter
-from mmprune_exp.models.base import Request
 from mmprune_exp.models.attention_prior import last_query_attention, mrope_cos_sin
+from mmprune_exp.models.base import Request
 from mmprune_exp.pruners.engine import LayerInputs, collect_layer_inputs, forward_layer
 from mmprune_exp.tiny import TINY_MODEL_DIR
 

@@ -36,6 +36,22 @@ def restated_similarity(y: torch.Tensor, visual: torch.Tensor) -> tuple[float, f
     return positive_pairs(v), positive_pairs(t), sum(vl) / len(vl)
 
 
+def forward_each(adapter, requests, visual: dict, handles: list) -> None:
+    """The full model on each request (dense, no cache), ``visual["mask"]`` set for the hooks; then unhook."""
+    with torch.no_grad():
+        for request in requests:
+            batch = adapter.encode([request])
+            visual["mask"] = adapter.modality_mask(batch["input_ids"])[0]
+            adapter.model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+
+
+def mean_diversity(per_sample: list[tuple[float, float, float]]) -> float:
+    """3 − (vv + ll + vl), each the mean over samples."""
+    return 3 - sum(sum(s[k] for s in per_sample) / len(per_sample) for k in range(3))
+
+
 def restated_scores(adapter, requests) -> tuple[dict[str, float], dict[str, int]]:
     """Diversity of every target Linear's outputs on the dense model, from full-model forwards with hooks."""
     targets = adapter.target_linears(["language"], MODULES)
@@ -45,14 +61,8 @@ def restated_scores(adapter, requests) -> tuple[dict[str, float], dict[str, int]
         lin.register_forward_hook(lambda m, a, out, n=n: per_sample[n].append(restated_similarity(out, visual["mask"])))
         for n, lin in targets.items()
     ]
-    with torch.no_grad():
-        for request in requests:
-            batch = adapter.encode([request])
-            visual["mask"] = adapter.modality_mask(batch["input_ids"])[0]
-            adapter.model(**batch, use_cache=False)
-    for h in handles:
-        h.remove()
-    scores = {n: 3 - sum(sum(s[k] for s in v) / len(v) for k in range(3)) for n, v in per_sample.items()}
+    forward_each(adapter, requests, visual, handles)
+    scores = {n: mean_diversity(v) for n, v in per_sample.items()}
     return scores, {n: lin.weight.numel() for n, lin in targets.items()}
 
 
@@ -194,14 +204,8 @@ def test_qwen_tamp_prunes_qkv_per_layer_by_input_diversity(random_tiny, calibrat
         lambda m, args, kwargs, i=i: per_layer[i].append(restated_similarity(
             kwargs.get("hidden_states", args[0] if args else None), visual["mask"])), with_kwargs=True)
         for i, layer in enumerate(layers)]  # fmt: skip
-    with torch.no_grad():
-        for request in calibration.requests:
-            batch = random_tiny.encode([request])
-            visual["mask"] = random_tiny.modality_mask(batch["input_ids"])[0]
-            random_tiny.model(**batch, use_cache=False)
-    for h in handles:
-        h.remove()
-    expected_scores = {i: 3 - sum(sum(s[k] for s in v) / len(v) for k in range(3)) for i, v in per_layer.items()}
+    forward_each(random_tiny, calibration.requests, visual, handles)
+    expected_scores = {i: mean_diversity(v) for i, v in per_layer.items()}
 
     layer0 = collect_layer_inputs(random_tiny, calibration.requests, 512)  # dense layer-0 inputs
     q0 = "model.language_model.layers.0.self_attn.q_proj"
