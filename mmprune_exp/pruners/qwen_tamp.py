@@ -120,7 +120,10 @@ class QwenTampPruner(WandaPruner):
     def make_stat(self, linear: nn.Linear) -> SelectedInputScaler:
         return SelectedInputScaler(linear)
 
-    def prepare_sample(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict:
+    def sample_preparer(self):
+        return self._select_input_tokens
+
+    def _select_input_tokens(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict:
         """The tokens of this sample that q/k/v's statistic keeps: AMIA's rule on the layer's input tokens."""
         cfg = self.cfg
         prior = self.adapter.last_query_attention(layer, inputs)

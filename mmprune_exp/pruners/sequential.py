@@ -12,7 +12,7 @@ from mmprune_exp.calibration import CalibrationData
 from mmprune_exp.config.schema import SparsityConfig
 from mmprune_exp.models.base import ModelAdapter
 from mmprune_exp.pruners.base import Pruner
-from mmprune_exp.pruners.engine import LayerInputs, SequentialEngine, collect_layer_inputs
+from mmprune_exp.pruners.engine import LayerInputs, SamplePreparer, SequentialEngine, collect_layer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,11 @@ class SequentialPruner(Pruner):
     def prune_linear(self, name: str, linear: nn.Linear, stat: Any, sparsity: SparsityConfig) -> None:
         raise NotImplementedError
 
-    def prepare_sample(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict[str, Any]:
-        """Values for one sample and decoder layer, from the layer's input before the statistics hooks run (the
-        layer still dense); output statistics receive them as ``sample.values``. Default: none."""
-        return {}
+    def sample_preparer(self) -> SamplePreparer | None:
+        """A function computing values for one sample and decoder layer from the layer's input, before the
+        statistics hooks run (the layer still dense); output statistics receive them as ``sample.values``.
+        Default None: nothing to prepare (and no extra copy of every sample to the device per layer)."""
+        return None
 
     def plan(self, engine: SequentialEngine, inputs: list[LayerInputs]) -> None:
         """Hook before the pruning pass (OWL measures per-layer outlier ratios here)."""
@@ -51,7 +52,7 @@ class SequentialPruner(Pruner):
         engine = SequentialEngine(adapter, self.targets(adapter))
         inputs = collect_layer_inputs(adapter, calibration.requests, calibration.max_length)
         self.plan(engine, inputs)
-        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}", prepare_sample=self.prepare_sample)
+        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}", prepare_sample=self.sample_preparer())
 
     @torch.no_grad()
     def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, Any]) -> bool:

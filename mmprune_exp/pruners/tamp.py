@@ -155,9 +155,10 @@ class TampPruner(WandaPruner):
             return super().make_stat(linear)
         return AMIAScaler(linear, self.cfg, self.amia_guards, self._layer_selected)
 
-    def prepare_sample(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict:
-        if not self.cfg.amia:
-            return {}
+    def sample_preparer(self):
+        return self._attention_prior if self.cfg.amia else None
+
+    def _attention_prior(self, index: int, layer: nn.Module, inputs: LayerInputs) -> dict:
         return {"attention_prior": self.adapter.last_query_attention(layer, inputs)}
 
     def prune(self, adapter, calibration) -> None:
