@@ -79,7 +79,7 @@ def claim(run_dir: Path, cfg: DictConfig) -> bool:
     now = json.loads(json.dumps(fingerprint(cfg), default=str))  # as it reads back from the file
     file = run_dir / FINGERPRINT_FILE
     has_results = any((run_dir / name).exists() for name in ("samples.jsonl", "results.json"))
-    if file.exists():
+    if file.exists() and has_results:  # a fingerprint without results (a run that failed early) is replaced
         before = json.loads(file.read_text())
         diff = _differences(before, now)
         if diff:

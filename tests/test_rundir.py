@@ -56,3 +56,9 @@ def test_rebuilt_weights_change_the_fingerprint(compose_cfg, tmp_path):
     (model / "model.safetensors").write_bytes(b"y" * 11)
     with pytest.raises(ConfigError, match=r"checkpoint\.model\.safetensors"):
         claim(run_dir, compose_cfg([f"model.path={model}"]))
+
+
+def test_a_run_that_failed_before_writing_results_can_be_rerun_with_a_fix(compose_cfg, tmp_path):
+    claim(tmp_path, compose_cfg(["benchmark=mathv", "benchmark.path=/typo"]))  # then failed on the data
+    assert claim(tmp_path, compose_cfg(["benchmark=mathv", "benchmark.path=/fixed"])) is False
+    assert json.loads((tmp_path / FINGERPRINT_FILE).read_text())["benchmark.path"] == "/fixed"
