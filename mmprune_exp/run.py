@@ -45,6 +45,8 @@ log = logging.getLogger("mmprune_exp")
 register_configs()
 
 GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "logger")
+#: version of results.json's layout; readers (``mmprune_exp.report``) check it. Bump when a key changes meaning.
+RESULTS_SCHEMA_VERSION = 1
 _CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -225,6 +227,7 @@ def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense
     dense_score = dense_result.metrics["score"] if dense_result else None
     recovery = score / dense_score if dense_score else None
     out = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
         "score": score,
         "dense_score": dense_score,
         "recovery": recovery,
