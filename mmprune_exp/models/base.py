@@ -16,6 +16,7 @@ from mmprune_exp.config.schema import ModelConfig
 if TYPE_CHECKING:
     from mmprune_exp.models.offload import LayerStreamer
 from mmprune_exp.errors import ConfigError, ModelLoadError
+from mmprune_exp.models.token_reduction import DecoderShape, ReductionPoint
 from mmprune_exp.registry import Registry
 
 
@@ -103,6 +104,16 @@ class ModelAdapter(ABC):
         """How much the last token attends to each token of one sample in decoder ``layer`` (mean over heads,
         fp32 ``[N]``), from the layer's captured inputs: TAMP's AMIA prior. A family that supports it overrides."""
         raise NotImplementedError(f"{type(self).__name__} cannot compute the last-query attention prior")
+
+    def token_reduction(self, points: list[ReductionPoint], vision_stats: bool = False):
+        """A context manager that installs visual-token reduction ``points`` into the model's forward (see
+        :mod:`mmprune_exp.models.token_reduction`); its ``records`` and ``timing`` describe the latest prefill.
+        ``vision_stats``: also collect the vision tower's per-token attention statistics (VisionZip)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support token pruning")
+
+    def decoder_shape(self) -> DecoderShape:
+        """Sizes the analytic FLOPs and KV-cache figures of the token report need."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its decoder shape")
 
     def save(self, path: Path) -> None:
         """Write a checkpoint plain transformers can load: pruned weights are dense tensors with zeros."""

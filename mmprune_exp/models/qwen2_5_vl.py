@@ -16,6 +16,7 @@ from torch import nn
 from mmprune_exp.config.schema import ModelConfig
 from mmprune_exp.models.base import ModelAdapter, ModelLoadError, Request, register_adapter, resolve_device
 from mmprune_exp.models.offload import LayerStreamer
+from mmprune_exp.models.token_reduction import DecoderShape
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +176,12 @@ class Qwen25VLAdapter(ModelAdapter):
         return chat_prompt(self.processor, request)
 
     def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        from mmprune_exp.models.vision_inputs import processor_media
+
+        # Images and videos (PIL, files, message dicts) load through qwen-vl-utils, see vision_inputs.
         images = [img for r in requests for img in r.images]
         videos = [vid for r in requests for vid in r.videos]
-        kwargs = {}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = videos
+        kwargs = processor_media(self.processor, images, videos)
         batch = self.processor(
             text=[self.build_prompt(r) for r in requests], padding=True, return_tensors="pt", **kwargs
         )
@@ -248,6 +248,19 @@ class Qwen25VLAdapter(ModelAdapter):
         from mmprune_exp.models.attention_prior import last_query_attention
 
         return last_query_attention(layer, inputs)
+
+    def token_reduction(self, points, vision_stats: bool = False):
+        from mmprune_exp.models.qwen_token_reduction import QwenTokenReduction
+
+        return QwenTokenReduction(self.model, points, vision_stats)
+
+    def decoder_shape(self) -> DecoderShape:
+        tc = self.model.config.get_text_config()
+        head_dim = tc.hidden_size // tc.num_attention_heads
+        return DecoderShape(
+            layers=tc.num_hidden_layers, hidden=tc.hidden_size, kv_dim=tc.num_key_value_heads * head_dim,
+            intermediate=tc.intermediate_size, dtype_bytes=self.model.dtype.itemsize,
+        )  # fmt: skip
 
     def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
