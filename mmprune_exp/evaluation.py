@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mmprune_exp.benchmarks.base import Benchmark
-from mmprune_exp.models.base import ModelAdapter
+from mmprune_exp.models.base import ModelAdapter, Request
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ def evaluate(
     benchmark: Benchmark,
     samples_path: Path,
     desc: str = "eval",
+    observer: Callable[[list[str], list[Request]], list[dict[str, Any]]] | None = None,
 ) -> EvalResult:
     """Score every record of ``benchmark``; rows already in ``samples_path`` are kept, not regenerated.
 
-    Each finished batch is appended and flushed, so an interrupted run loses at most one batch.
+    Each finished batch is appended and flushed, so an interrupted run loses at most one batch. ``observer``
+    (e.g. a token pruner's session) is called after each batch is generated and returns extra fields per row.
     """
     records = benchmark.records()
     done = read_rows(samples_path)
@@ -82,8 +85,9 @@ def evaluate(
         for i in range(0, len(todo), bs):
             batch = todo[i : i + bs]
             responses = adapter.generate([r.request for r in batch], benchmark.cfg.max_new_tokens)
-            for record, response in zip(batch, responses):
-                row = {"id": record.id, "response": response, "target": record.target, **record.fields}
+            extras = observer([r.id for r in batch], [r.request for r in batch]) if observer else [{}] * len(batch)
+            for record, response, extra in zip(batch, responses, extras):
+                row = {"id": record.id, "response": response, "target": record.target, **record.fields, **extra}
                 row |= benchmark.score(record, response)
                 if row.get("parsed") is None:
                     log.debug("%s: unparseable response for %s: %r", desc, record.id, response[:200])

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from mmprune_exp.evaluation import EvalResult
     from mmprune_exp.models import ModelAdapter
     from mmprune_exp.pruners import Pruner, SparsityReport
+    from mmprune_exp.token_pruners import TokenPruner
     from mmprune_exp.tracking import Tracker
     from mmprune_exp.utils import StageTimer
 
@@ -44,7 +45,7 @@ log = logging.getLogger("mmprune_exp")
 
 register_configs()
 
-GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "logger")
+GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "token_pruner", "logger")
 #: version of results.json's layout; readers (``mmprune_exp.report``) check it. Bump when a key changes meaning.
 RESULTS_SCHEMA_VERSION = 1
 _CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -88,6 +89,7 @@ class Job:
     benchmark: Benchmark
     pruner: Pruner
     calibration: CalibrationData | None
+    token_pruner: TokenPruner
     timer: StageTimer
     tracker: Tracker | None = None
 
@@ -107,6 +109,7 @@ def prepare(cfg: DictConfig) -> Job:
     from mmprune_exp.calibration import build_calibration
     from mmprune_exp.models.base import check_targets
     from mmprune_exp.pruners import build_pruner
+    from mmprune_exp.token_pruners import build_token_pruner
     from mmprune_exp.utils import StageTimer, seed_everything
 
     if cfg.pruner.name != "none":
@@ -125,11 +128,13 @@ def prepare(cfg: DictConfig) -> Job:
     with timer("data"):
         benchmark.records()  # read and check the data files now, not after the model and the dense baseline
     pruner = build_pruner(_obj(cfg.pruner), _obj(cfg.sparsity))
+    token_pruner = build_token_pruner(_obj(cfg.token_pruner))
     calibration = None
     if pruner.needs_calibration:
         with timer("calibration_data"):  # a missing calibration image fails here, in seconds
             calibration = build_calibration(_obj(cfg.calibration))
-    return Job(cfg, run_dir, labels, list(hydra_cfg.overrides.task), benchmark, pruner, calibration, timer)
+    return Job(cfg, run_dir, labels, list(hydra_cfg.overrides.task), benchmark, pruner, calibration, token_pruner,
+               timer)  # fmt: skip
 
 
 def load(job: Job, pruned_dir: Path | None = None) -> ModelAdapter:
@@ -209,10 +214,12 @@ def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
 
 
 def evaluate_pruned(job: Job, adapter: ModelAdapter) -> EvalResult:
+    """The pruned model (weights and/or tokens): the token pruner is attached for this evaluation only."""
     from mmprune_exp.evaluation import evaluate
 
-    with job.timer("eval"):
-        result = evaluate(adapter, job.benchmark, job.run_dir / "samples.jsonl", desc=f"{job.cfg.benchmark.name} pruned")
+    with job.timer("eval"), job.token_pruner.attach(adapter, job.run_dir) as tokens:
+        result = evaluate(adapter, job.benchmark, job.run_dir / "samples.jsonl",
+                          desc=f"{job.cfg.benchmark.name} pruned", observer=tokens)  # fmt: skip
     job.benchmark.write_tables(result.rows, job.run_dir)  # per-subject/per-subset tables, official-format files
     return result
 
@@ -220,6 +227,7 @@ def evaluate_pruned(job: Job, adapter: ModelAdapter) -> EvalResult:
 def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense_dir: Path | None,
             sparsity: SparsityReport) -> dict[str, Any]:  # fmt: skip
     """Write ``results.json`` and log the same figures to the tracker."""
+    from mmprune_exp.token_pruners import summarize
     from mmprune_exp.utils import peak_memory
 
     cfg = job.cfg
@@ -232,6 +240,8 @@ def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense
         "dense_score": dense_score,
         "recovery": recovery,
         "sparsity": sparsity.overall,
+        "tokens": summarize(result.rows),  # visual tokens kept, FLOPs ratio, prefill/decode s, KV bytes (means)
+        "keep_ratio": cfg.token_pruner.keep_ratio,
         "target_sparsity": cfg.sparsity.value if cfg.pruner.name != "none" else 0.0,
         "benchmark": cfg.benchmark.name,
         "n_samples": len(result.rows),
@@ -256,6 +266,8 @@ def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense
         metrics |= {f"dense/{bench}/{k}": v for k, v in dense_result.metrics.items()}
         metrics[f"recovery/{bench}/score"] = recovery
     metrics["sparsity/overall"] = sparsity.overall
+    if out["tokens"]:
+        metrics |= {f"tokens/{k}": v for k, v in out["tokens"].items()}
     metrics |= {f"sparsity/layer/{k}": v for k, v in sparsity.per_layer.items()}
     metrics |= {f"time/{k}_s": v for k, v in job.timer.seconds.items()}
     metrics |= {f"mem/{k}": v for k, v in out["mem"].items()}

@@ -19,7 +19,7 @@ from mmprune_exp.errors import ConfigError
 
 FINGERPRINT_FILE = "fingerprint.json"
 # Groups and root keys that decide what a run computes (logger, paths, tags and caching do not).
-_GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark")
+_GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "token_pruner")
 _ROOT_KEYS = ("seed",)
 # Keys that may change between a run and its resume without changing any row already written.
 _FREE_KEYS = {

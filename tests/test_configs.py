@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from mmprune_exp.config import ConfigError, validate
 from tests.conftest import CONF
 
-GROUPS = ["model", "pruner", "sparsity", "calibration", "benchmark", "logger", "experiment", "debug"]
+GROUPS = ["model", "pruner", "sparsity", "calibration", "benchmark", "token_pruner", "logger", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 

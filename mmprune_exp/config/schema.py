@@ -204,7 +204,7 @@ class RootConfig:
 
 
 # Top-level nodes that are config groups (validated by their group schema) or Hydra's own.
-ROOT_GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "logger", "paths", "hydra")
+ROOT_GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "token_pruner", "logger", "paths", "hydra")
 
 
 @dataclass
@@ -238,7 +238,7 @@ def _asset_path(name: str) -> str:
 
 
 # Packages whose modules register methods, each with its own schema (Registry.register(name, schema=...)).
-PLUGIN_PACKAGES = ("mmprune_exp.pruners", "mmprune_exp.benchmarks", "mmprune_exp.calibration")
+PLUGIN_PACKAGES = ("mmprune_exp.pruners", "mmprune_exp.benchmarks", "mmprune_exp.calibration", "mmprune_exp.token_pruners")
 
 
 def register_configs() -> None:
