@@ -50,8 +50,18 @@ lint: install ## ruff on the package, tests and benchmarks
 tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~20 min on 2 CPU cores)
 	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
 
+# Where `make slurm-up` keeps the local cluster's config, state and logs (launchers/slurm_local.sh).
+SLURM_DIR ?= /tmp/mmprune-slurm
+
+slurm-up: ## Start a one-node SLURM cluster here (root; installs slurm-wlm munge if missing); prints the SLURM_CONF to export
+	@bash launchers/slurm_local.sh install
+	@bash launchers/slurm_local.sh up $(SLURM_DIR)
+
+slurm-down: ## Stop the cluster `make slurm-up` started (its jobs are cancelled; logs stay in SLURM_DIR)
+	@bash launchers/slurm_local.sh down $(SLURM_DIR)
+
 clean: ## Remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs/runs outputs/multirun outputs/cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install lock run test test-full lint tiny-model clean
+.PHONY: help install lock run test test-full lint tiny-model slurm-up slurm-down clean
