@@ -138,6 +138,75 @@ def _cell(value: Any) -> Any:
     return json.dumps(value)
 
 
+# -- one W&B run per sweep job -------------------------------------------------------------------------
+
+#: Summary aggregations of the run's metrics (``run.define_metric``), so dashboards and the runs table read the
+#: same figure for every job. Each key is logged once per job (``run.results``); a job resumed offline replays
+#: its earlier steps, so "last" is the figure results.json holds and "max"/"min" the best any attempt logged.
+METRIC_SUMMARIES = {
+    "bench/*": "last,max",
+    "recovery/*": "last,max",
+    "dense/*": "last",
+    # not sparsity/*: the heatmap image is logged there too, and an image's summary must stay the image
+    "sparsity/overall": "last",
+    "sparsity/layer/*": "last",
+    "time/*": "last,min",
+    "mem/*": "max",
+}
+
+
+def _hydra_runtime() -> Any | None:
+    """The running Hydra job's own config (``hydra.*``), or None outside a Hydra job (tests, the report)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return None
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def sweep_id(sweep_dir: str | Path) -> str:
+    """A sweep's id from its directory: ``outputs/multirun/2026-12-01/10-00-00`` -> ``2026-12-01_10-00-00``.
+
+    The path below the last ``multirun`` folder (Hydra's default layout), else the folder's name. The directory
+    and not ``SLURM_ARRAY_JOB_ID``: a requeued or resubmitted array writes into the same sweep directory, and
+    the report finds the sweep by its directory too.
+    """
+    parts = Path(sweep_dir).parts
+    if "multirun" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("multirun")
+        return "_".join(parts[last + 1 :])
+    return Path(sweep_dir).name
+
+
+def run_identity(cfg: LoggerConfig, config: dict[str, Any], hydra: Any | None = None) -> dict[str, Any]:
+    """The W&B ``group``, ``job_type`` and the flat config keys that let a dashboard group a sweep's runs.
+
+    - ``group``: in a multirun, the sweep: ``<task_name>-<sweep id>`` (one group per sweep, shared by every
+      job, local or SLURM) unless ``logger.group`` names another group than the default ``${task_name}``;
+      in a single run, ``logger.group`` (the task name by default).
+    - ``job_type``: ``logger.job_type``; ``auto`` is ``dense_eval`` for ``pruner=none`` and ``prune_eval``
+      otherwise, so dense reference runs can be told apart from pruned ones.
+    - config keys ``choice/<group>``: every config group's label as a plain string (``choice/pruner: wanda``,
+      ``choice/sparsity: s50``; the experiment too). The nested group configs keep their names (``pruner``,
+      ``sparsity``, ...), so the labels cannot also be top-level keys of those names; one flat key per group is
+      what W&B's group-by and filters take.
+    """
+    task_name = config.get("task_name")
+    group = cfg.group or task_name
+    multirun = hydra is not None and getattr(hydra.mode, "name", hydra.mode) == "MULTIRUN"  # RunMode or its name
+    if multirun and group in (None, task_name):
+        group = f"{task_name or 'sweep'}-{sweep_id(hydra.sweep.dir)}"
+    job_type = cfg.job_type
+    if job_type == "auto":
+        pruner = config.get("pruner")
+        job_type = "dense_eval" if isinstance(pruner, dict) and pruner.get("name") == "none" else "prune_eval"
+    choices = {f"choice/{key}": str(node["name"]) for key, node in config.items()
+               if isinstance(node, dict) and isinstance(node.get("name"), str)}  # fmt: skip
+    if hydra is not None and hydra.runtime.choices.get("experiment"):
+        choices["choice/experiment"] = str(hydra.runtime.choices["experiment"])
+    return {"group": group, "job_type": job_type, "choices": choices}
+
+
 class WandbTracker(Tracker):
     def __init__(self, cfg: LoggerConfig, config: dict[str, Any], run_dir: Path):
         self.run = None
@@ -152,14 +221,15 @@ class WandbTracker(Tracker):
         # A requeued job (SLURM preemption, rerun in the same dir) continues the same W&B run.
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        identity = run_identity(cfg, config, _hydra_runtime())
         init_kwargs = {
             "project": cfg.project,
             "entity": cfg.entity,
-            "group": cfg.group,
-            "job_type": cfg.job_type,
+            "group": identity["group"],
+            "job_type": identity["job_type"],
             "name": cfg.run_name,
             "tags": list(cfg.tags),
-            "config": config,
+            "config": {**config, **identity["choices"], "run_dir": str(run_dir)},
             "dir": str(run_dir),
             "id": run_id,
             "resume": "allow",
@@ -180,9 +250,21 @@ class WandbTracker(Tracker):
             return
         self.run_id = self.run.id
         id_file.write_text(self.run.id)
+        # Where this job's W&B run lives, for readers of the run directory (the sweep report logs its summary
+        # table into the same project and group).
+        info = {"id": self.run.id, "project": cfg.project, "entity": cfg.entity, "group": identity["group"],
+                "job_type": identity["job_type"], "name": cfg.run_name, "mode": self.run.settings.mode}  # fmt: skip
+        (run_dir / "wandb_run.json").write_text(json.dumps(info, indent=2))
+        self._guard("define_metric", self._define_metrics)  # before an earlier attempt's history is replayed
+        if self.run is None:
+            return
         if self.run.offline:
             self._continue_offline()
         log.info("W&B run %s (mode=%s, dir=%s)", self.run.id, self.run.settings.mode, self.run.dir)
+
+    def _define_metrics(self) -> None:
+        for name, summary in METRIC_SUMMARIES.items():
+            self.run.define_metric(name, summary=summary)
 
     def _teardown(self) -> None:
         try:
@@ -302,6 +384,8 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    #: ``define_metric`` calls: metric name or glob -> the summary aggregations asked for (``["last", "max"]``)
+    defined_metrics: dict[str, list[str]] = field(default_factory=dict)
 
 
 # The .wandb file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records, each with a
@@ -390,4 +474,8 @@ def read_offline_run(path: Path) -> OfflineRun:
             run.summary |= _items(record.summary.update)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "metric":
+            m = record.metric
+            aggregations = [f.name for f, on in m.summary.ListFields() if on is True]
+            run.defined_metrics[m.name or m.glob_name] = aggregations
     return run

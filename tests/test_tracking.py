@@ -5,6 +5,7 @@ Real wandb (offline, or online against a local socket that never answers); no mo
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -13,7 +14,14 @@ import time
 import pytest
 
 from mmprune_exp.config.schema import LoggerConfig
-from mmprune_exp.tracking import WandbTracker, _signals_deferred, read_offline_run
+from mmprune_exp.tracking import (
+    METRIC_SUMMARIES,
+    WandbTracker,
+    _signals_deferred,
+    read_offline_run,
+    run_identity,
+    sweep_id,
+)
 
 pytest.importorskip("wandb")
 
@@ -210,3 +218,115 @@ def test_rerun_in_a_new_process_continues_the_run(tmp_path):
     assert [(s["_step"], s.get("calib/seconds"), s.get("bench/score")) for s in run.history] == [
         (0, 3.0, None), (1, None, 0.5)
     ]
+
+
+# -- sweeps: one run per job, grouped by the sweep ---------------------------------------------------------
+
+
+def hydra_runtime(mode="MULTIRUN", sweep_dir="outputs/multirun/2026-12-01/10-00-00", experiment=None):
+    """The parts of Hydra's job config (``HydraConfig.get()``) that name a sweep."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"mode": mode, "sweep": {"dir": sweep_dir},
+                             "runtime": {"choices": {"experiment": experiment, "pruner": "wanda"}}})  # fmt: skip
+
+
+CONFIG = {"task_name": "pruner_curve", "pruner": {"name": "wanda", "scope": ["language"]}, "sparsity": {"name": "s50"},
+          "benchmark": {"name": "shapes_vqa"}, "seed": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sweep_dir,expected",
+    [
+        ("outputs/multirun/2026-12-01/10-00-00", "2026-12-01_10-00-00"),
+        ("/scratch/me/mmprune/outputs/multirun/2026-12-01/10-00-00", "2026-12-01_10-00-00"),
+        ("/scratch/me/curve_v2", "curve_v2"),
+    ],
+)
+def test_sweep_id_is_the_sweep_directory(sweep_dir, expected):
+    assert sweep_id(sweep_dir) == expected
+
+
+def test_jobs_of_a_multirun_share_the_sweeps_group():
+    default = LoggerConfig(name="wandb", group="pruner_curve")  # conf/logger/wandb.yaml: group: ${task_name}
+    identity = run_identity(default, CONFIG, hydra_runtime(experiment="pruner_curve"))
+    assert identity["group"] == "pruner_curve-2026-12-01_10-00-00"
+    # another sweep of the same experiment is another group; a single run is grouped by its task
+    assert run_identity(default, CONFIG, hydra_runtime(sweep_dir="outputs/multirun/2026-12-02/09-00-00"))["group"] \
+        == "pruner_curve-2026-12-02_09-00-00"  # fmt: skip
+    assert run_identity(default, CONFIG, hydra_runtime(mode="RUN"))["group"] == "pruner_curve"
+    assert run_identity(default, CONFIG, None)["group"] == "pruner_curve"
+    # a group the user named is kept as it is, in a sweep too
+    assert run_identity(LoggerConfig(name="wandb", group="curves"), CONFIG, hydra_runtime())["group"] == "curves"
+
+
+def test_job_type_and_choices_for_dashboards():
+    auto = LoggerConfig(name="wandb", job_type="auto")
+    identity = run_identity(auto, CONFIG, hydra_runtime(experiment="pruner_curve"))
+    assert identity["job_type"] == "prune_eval"
+    assert identity["choices"] == {"choice/pruner": "wanda", "choice/sparsity": "s50",
+                                   "choice/benchmark": "shapes_vqa", "choice/experiment": "pruner_curve"}  # fmt: skip
+    dense = CONFIG | {"pruner": {"name": "none"}}
+    assert run_identity(auto, dense, None)["job_type"] == "dense_eval"
+    assert run_identity(LoggerConfig(name="wandb", job_type="calib_stats"), dense, None)["job_type"] == "calib_stats"
+
+
+def test_a_run_holds_its_choices_metric_summaries_and_says_where_it_is(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tr = WandbTracker(LoggerConfig(name="wandb", project="p", group="g", job_type="auto"), CONFIG, run_dir)
+    tr.log({"bench/shapes_vqa/score": 0.5, "time/eval_s": 3.0, "mem/peak_rss_gb": 1.5})
+    tr.log({"bench/shapes_vqa/score": 0.25, "time/eval_s": 2.0, "mem/peak_rss_gb": 1.0})
+    tr.summary({"score": 0.25})
+    tr.finish(0)
+    info = json.loads((run_dir / "wandb_run.json").read_text())
+    assert info == {"id": tr.run_id, "project": "p", "entity": None, "group": "g", "job_type": "prune_eval",
+                    "name": None, "mode": "offline"}  # fmt: skip
+    (offline,) = offline_runs(run_dir)
+    run = read_offline_run(offline)
+    assert run.config["choice/pruner"] == "wanda" and run.config["pruner"]["scope"] == ["language"]
+    assert run.config["run_dir"] == str(run_dir)
+    assert set(run.defined_metrics) == set(METRIC_SUMMARIES)
+    assert sorted(run.defined_metrics["time/*"]) == ["last", "min"]
+    assert run.summary["bench/shapes_vqa/score"] == {"last": 0.25, "max": 0.5}
+    assert run.summary["time/eval_s"] == {"last": 2.0, "min": 2.0} and run.summary["mem/peak_rss_gb"] == {"max": 1.5}
+    assert run.summary["score"] == 0.25  # explicit summary values stay plain
+
+
+def test_a_resumed_run_keeps_its_metric_summaries(tmp_path):
+    run_dir = tmp_path / "run"
+    first = tracker(run_dir)
+    first.log({"bench/t/score": 0.75})
+    first.finish(143)
+    second = tracker(run_dir)
+    second.log({"bench/t/score": 0.5})
+    second.finish(0)
+    (offline,) = offline_runs(run_dir)
+    run = read_offline_run(offline)
+    assert run.summary["bench/t/score"] == {"last": 0.5, "max": 0.75}  # over both attempts
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from tests.sweeps import small_sweep
+
+    return small_sweep(tmp_path_factory.getbasetemp() / "small_sweep")
+
+
+def test_a_sweep_has_one_offline_run_per_job_in_one_group(sweep):
+    from tests.sweeps import SWEEP_GROUP
+
+    jobs = sorted((p.parent for p in sweep.glob("[0-9]*/results.json")), key=lambda p: int(p.name))
+    assert len(jobs) == 6
+    runs = {}
+    for job in jobs:
+        (offline,) = offline_runs(job)  # one run per job
+        run = read_offline_run(offline)
+        results = json.loads((job / "results.json").read_text())
+        assert run.run_id == results["wandb_run_id"] and run.exit_code == 0
+        assert run.group == SWEEP_GROUP
+        assert run.job_type == ("dense_eval" if results["choices"]["pruner"] == "none" else "prune_eval")
+        assert {k: run.config[f"choice/{k}"] for k in results["choices"]} == results["choices"]
+        assert run.summary["recovery"] == pytest.approx(results["recovery"])
+        runs[run.run_id] = job
+    assert len(runs) == len(jobs)  # no two jobs share a run
