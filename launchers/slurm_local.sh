@@ -171,17 +171,23 @@ up() {
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
-stop_pid() {
-    local pidfile=$1 pid
-    alive "$pidfile" || return 0
-    pid=$(cat "$pidfile")
-    kill -TERM "$pid"
-    for _ in $(seq 1 40); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.25
+# SIGTERM to the daemons of the pid files given, together (each takes a second or two to wind down), then wait.
+stop_pids() {
+    local pidfile pids=() pid
+    for pidfile in "$@"; do
+        alive "$pidfile" && pids+=("$(cat "$pidfile")")
     done
-    say "pid $pid ($pidfile) ignored SIGTERM for 10 s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+    ((${#pids[@]})) || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 1 40); do
+        sleep 0.25
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && continue 2
+        done
+        return 0
+    done
+    say "pids ${pids[*]} ignored SIGTERM for 10 s: SIGKILL"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 down() {
@@ -199,9 +205,7 @@ down() {
             done
         fi
     fi
-    stop_pid "$dir/run/slurmd.pid"
-    stop_pid "$dir/run/slurmctld.pid"
-    stop_pid "$dir/run/munged.pid"
+    stop_pids "$dir/run/slurmd.pid" "$dir/run/slurmctld.pid" "$dir/run/munged.pid"
     say "down ($dir kept: logs in $dir/log)"
 }
 
