@@ -159,6 +159,7 @@ def test_keep_ratio_one_reproduces_the_unpruned_logits(random_tiny):
     assert seen and seen[0]["vision"]  # the point ran, with the vision statistics
     assert [r.visual_kept for r in records] == [r.visual_before for r in records] == [64, 48]
     assert_valid_logits_equal(dense, pruned, valid)
+    assert generate(random_tiny, requests, pruner)[0] == random_tiny.generate(requests, 6)
 
 
 def test_batch_of_different_sizes_equals_each_alone(random_tiny):
