@@ -47,6 +47,25 @@ test-full: install ## All tests, slow ones included
 lint: install ## ruff on the package, tests and benchmarks
 	$(VENV)/bin/ruff check --line-length 120 mmprune_exp tests bench run.py
 
+# `make sweep`: one experiment's sweep on this machine, then its report. The sweep dir is fixed here, once, in
+# Hydra's layout (outputs/multirun/<date>/<time>), so the report reads the folder the jobs wrote and the W&B group
+# is <task_name>-<date>_<time>.
+EXPERIMENT ?= pruner_curve
+ifndef SWEEP_DIR
+SWEEP_DIR := outputs/multirun/$(shell date +%Y-%m-%d/%H-%M-%S)
+endif
+SYNC_DIR ?= outputs
+SYNC_ARGS ?=
+
+sweep: install ## A sweep and its report: EXPERIMENT=pruner_curve (5 pruners x 5 sparsities, ~4 min on CPU), ARGS=overrides
+	$(PY) run.py experiment=$(EXPERIMENT) hydra.mode=MULTIRUN hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+	$(PY) -m mmprune_exp.report $(SWEEP_DIR)
+
+wandb-sync: install ## Upload the offline W&B runs below SYNC_DIR (outputs): jobs and reports; already synced ones are skipped
+	@runs=$$(find $(SYNC_DIR) -type d -name 'offline-run-*' -path '*/wandb/*' | sort); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs below $(SYNC_DIR)"; exit 0; fi; \
+	echo "$$runs" | xargs $(VENV)/bin/wandb sync $(SYNC_ARGS)
+
 tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~20 min on 2 CPU cores)
 	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
 
@@ -64,4 +83,4 @@ clean: ## Remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs/runs outputs/multirun outputs/cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install lock run test test-full lint tiny-model slurm-up slurm-down clean
+.PHONY: help install lock run test test-full lint tiny-model slurm-up slurm-down clean sweep wandb-sync
