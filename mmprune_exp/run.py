@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,30 +152,65 @@ def load(job: Job, pruned_dir: Path | None = None) -> ModelAdapter:
 
 
 def dense(job: Job, adapter: ModelAdapter) -> tuple[EvalResult | None, Path | None]:
-    """The unpruned model's result, evaluated once per cache key and shared by every run that has the key."""
+    """The unpruned model's result, evaluated once per cache key and shared by every run that has the key.
+
+    Jobs of a sweep that share the key may run at the same time (a SLURM array, parallel local jobs). The cache
+    folder's lock makes one of them evaluate while the others wait, then read its metrics; without it every job
+    would find no ``metrics.json`` and append to the same ``samples.jsonl`` at once.
+    """
     from mmprune_exp.evaluation import EvalResult, evaluate, read_rows
 
     if not job.cfg.dense_baseline:
         return None, None
     with job.timer("dense_eval"):
-        if job.streamed:  # a disk-offloaded model cannot generate; the baseline loads the whole checkpoint once
-            from mmprune_exp.models import load_adapter
-
-            adapter = load_adapter(replace(_obj(job.cfg.model), offload="none"))
+        # The disk-streamed adapter resolves the device as the fully loaded one would, so the key is the same.
         key = dense_cache_key(job.cfg, adapter.device.type)
         cache = Path(job.cfg.paths.cache_dir) / "dense" / f"{job.cfg.benchmark.name}-{key}"
         done = cache / "metrics.json"
-        if job.cfg.use_dense_cache and done.exists():
-            log.info("dense baseline: reusing %s", cache)
-            rows = list(read_rows(cache / "samples.jsonl").values())
-            result = EvalResult(json.loads(done.read_text()), rows, 0.0, resumed=len(rows))
-        else:
-            result = evaluate(adapter, job.benchmark, cache / "samples.jsonl", desc=f"{job.cfg.benchmark.name} dense")
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result.metrics, indent=2))
-            tmp.replace(done)  # atomic: parallel sweep jobs never read a half-written file
+        with dense_cache_lock(cache):
+            if job.cfg.use_dense_cache and done.exists():
+                log.info("dense baseline: reusing %s", cache)
+                rows = list(read_rows(cache / "samples.jsonl").values())
+                result = EvalResult(json.loads(done.read_text()), rows, 0.0, resumed=len(rows))
+            else:
+                if job.streamed:  # a disk-offloaded model cannot generate: load the whole checkpoint, this once
+                    from mmprune_exp.models import load_adapter
+
+                    adapter = load_adapter(replace(_obj(job.cfg.model), offload="none"))
+                # Rows an earlier, killed holder of the lock wrote are kept: evaluate resumes from them.
+                result = evaluate(adapter, job.benchmark, cache / "samples.jsonl", desc=f"{job.cfg.benchmark.name} dense")
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result.metrics, indent=2))
+                tmp.replace(done)  # atomic: a job killed while writing leaves no half file that reads as done
     log.info("dense %s score: %.4f", job.cfg.benchmark.name, result.metrics["score"])
     return result, cache
+
+
+@contextmanager
+def dense_cache_lock(cache: Path) -> Iterator[None]:
+    """Hold ``<cache>/.lock`` (an OS file lock) while the dense baseline in ``cache`` is read or written.
+
+    flock is released by the kernel when its holder dies, however it dies (SIGKILL, OOM killer, a node's
+    scancel), so a killed job never leaves the others waiting; the lock file itself stays, unlocked. On a
+    filesystem without flock, filelock falls back to a marker file that it breaks only when the dead holder
+    ran on the same host (README, "Dense baseline cache").
+    """
+    from filelock import FileLock, Timeout
+
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(cache / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("dense baseline %s: another job holds %s (it is evaluating the dense model); waiting for it",
+                 cache.name, lock.lock_file)  # fmt: skip
+        start = time.monotonic()
+        lock.acquire()  # no timeout: a dense evaluation may take hours; a dead holder frees the lock at once
+        log.info("dense baseline: waited %.1f s for the job that held the lock", time.monotonic() - start)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prune(job: Job, adapter: ModelAdapter) -> Path | None:
