@@ -330,3 +330,20 @@ def test_a_sweep_has_one_offline_run_per_job_in_one_group(sweep):
         assert run.summary["recovery"] == pytest.approx(results["recovery"])
         runs[run.run_id] = job
     assert len(runs) == len(jobs)  # no two jobs share a run
+
+
+def test_make_wandb_sync_finds_every_offline_run_of_the_sweep(sweep):
+    """`make wandb-sync` hands wandb every offline run below SYNC_DIR (--dry-run: list, upload nothing)."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(["make", "-s", "-o", "install", "wandb-sync", f"SYNC_DIR={sweep}", "SYNC_ARGS=--dry-run"],
+                          cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = proc.stdout + proc.stderr
+    for job in (p.parent for p in sweep.glob("[0-9]*/results.json")):
+        (offline,) = offline_runs(job)
+        assert str(offline) in listed
