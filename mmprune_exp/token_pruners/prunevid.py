@@ -88,6 +88,9 @@ if not OmegaConf.has_resolver("prunevid_preset"):
 
 @dataclass
 class PruneVidConfig(TokenPrunerConfig):
+    """The Python defaults are the paper preset. Under Hydra the yaml fills the preset's keys from ``preset``; in
+    Python ``PruneVidConfig(preset="aggressive")`` only labels the paper values, use :meth:`from_preset`."""
+
     name: str = "prunevid"
     preset: str = "paper"
     # α: share of each stage-1 group kept by stage 2
