@@ -221,6 +221,18 @@ def varying(frame: pd.DataFrame) -> list[str]:
     return [c for c in factors(frame) if c in ok and ok[c].astype(str).nunique() > 1]
 
 
+def _jobs_with_results(frame: pd.DataFrame) -> pd.DataFrame:
+    """The jobs with results, a factor a job does not have (an override only some jobs were given) shown as "-".
+
+    Without it pandas would drop those jobs from a pivot (a NaN index value), and a table would show "nan".
+    """
+    ok = frame[frame["status"] == "ok"].copy()
+    for column in factors(frame):
+        if column in ok and ok[column].isna().any():
+            ok[column] = ok[column].astype(object).where(ok[column].notna(), "-")
+    return ok
+
+
 def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows sorted by ``keys``: values in sweep order, sparsity by its target value (s10 < s50 < 2of4 < s70)."""
     frame = frame.copy()
@@ -242,7 +254,7 @@ def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def results_table(frame: pd.DataFrame) -> pd.DataFrame:
     """pruner x sparsity x benchmark (and every other factor that varies) -> score, dense score, recovery."""
-    ok = frame[frame["status"] == "ok"]
+    ok = _jobs_with_results(frame)
     keys = list(dict.fromkeys([c for c in factors(frame) if c in varying(frame) or c in ("benchmark", *_INNER)]))
     keys = [k for k in keys if k in ok]
     values = [c for c in _VALUES if c in ok and ok[c].notna().any()]
@@ -256,7 +268,7 @@ def pivot(frame: pd.DataFrame, value: str = "recovery") -> pd.DataFrame:
 
     Every varying factor is a row level, so a cell averages only jobs that ran the same configuration twice.
     """
-    ok = frame[frame["status"] == "ok"]
+    ok = _jobs_with_results(frame)
     rows = [c for c in varying(frame) if c != "sparsity" and c != "pruner"] + ["pruner"]
     ordered = _ordered(ok, [*rows, "sparsity"])
     table = ordered.pivot_table(index=rows, columns="sparsity", values=value, aggfunc="mean", sort=False)
@@ -280,7 +292,7 @@ def token_table(frame: pd.DataFrame) -> pd.DataFrame | None:
     """Token pruning: token_pruner x keep ratio (x every other varying factor) -> kept ratio, FLOPs, score."""
     if not token_pruning_varies(frame):
         return None
-    ok = frame[frame["status"] == "ok"]
+    ok = _jobs_with_results(frame)
     keys = [c for c in varying(frame) if c in ok]
     for key in ("keep_ratio", "token_pruner"):
         if key in ok and key not in keys:
@@ -290,7 +302,8 @@ def token_table(frame: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False, floatfmt=".4f")
+    # "-" for a cell no job filled (a pruner not run at that sparsity); tabulate leaves NaN as "nan"
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-")
 
 
 def markdown_report(frame: pd.DataFrame, sources: list[Path]) -> str:

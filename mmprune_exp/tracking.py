@@ -18,6 +18,11 @@ Three things make the W&B record trustworthy:
   previous handler right after the call returns (a second signal during the call is passed on at once).
   So ``finish`` from the run's ``finally`` after an interrupt writes the exit code (143, 130, ...);
   it is idempotent.
+
+A sweep is one W&B group with one run per job (``run_identity``): the group comes from the sweep directory,
+so local, SLURM and requeued jobs of one sweep share it; each run's config carries the group labels as flat
+``choice/<group>`` keys, and ``METRIC_SUMMARIES`` declares how the runs table summarises each metric.
+``python -m mmprune_exp.report`` adds the sweep's table to the group as a ``job_type=report`` run.
 """
 
 from __future__ import annotations
