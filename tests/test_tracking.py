@@ -347,3 +347,21 @@ def test_make_wandb_sync_finds_every_offline_run_of_the_sweep(sweep):
     for job in (p.parent for p in sweep.glob("[0-9]*/results.json")):
         (offline,) = offline_runs(job)
         assert str(offline) in listed
+
+
+@pytest.mark.slow
+def test_jobs_started_apart_in_their_own_processes_share_the_sweeps_group(tmp_path):
+    """What a SLURM array does: each job is its own process, started when a slot frees. hydra/launcher=
+    submitit_local takes the same path (pickled job config, `${now:}` of the sweep dir resolved at launch)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from tests.sweeps import run_cmd
+
+    base = tmp_path / "multirun"
+    proc = run_cmd(["-m", "hydra/launcher=submitit_local", "pruner=magnitude", "sparsity=s30,s50", "debug=default",
+                    "logger=wandb", "benchmark.limit=2", "hydra.sweep.dir=" + str(base) + "/${now:%Y-%m-%d}/${now:%H-%M-%S}",
+                    f"paths.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = [d for d in base.glob("*/*") if d.is_dir()]
+    groups = {json.loads(f.read_text())["group"] for f in sweep.glob("*/wandb_run.json")}
+    assert groups == {f"debug-{sweep.parent.name}_{sweep.name}"}
+    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
