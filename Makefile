@@ -72,7 +72,7 @@ tiny-model: install ## Retrain the embedded tiny model from scratch (determinist
 # Where `make slurm-up` keeps the local cluster's config, state and logs (launchers/slurm_local.sh).
 SLURM_DIR ?= /tmp/mmprune-slurm
 
-slurm-up: ## Start a one-node SLURM cluster here (root; installs slurm-wlm munge if missing); prints the SLURM_CONF to export
+slurm-up: ## Start a one-node SLURM cluster here (root; installs its Debian packages if missing); prints the SLURM_CONF to export
 	@bash launchers/slurm_local.sh install
 	@bash launchers/slurm_local.sh up $(SLURM_DIR)
 

@@ -1,8 +1,8 @@
 """A real one-node SLURM cluster for the tests in this folder, started once per session.
 
-launchers/slurm_local.sh does the work (the same script `make slurm-up` runs): munged, slurmctld and slurmd on
-localhost with every file in a temporary folder. Where it cannot run (not root, or the Debian packages
-`slurm-wlm munge` missing) the tests that use it are skipped with the script's reason, unless
+launchers/slurm_local.sh does the work (the same script `make slurm-up` runs): munged, slurmdbd with its own
+MariaDB, slurmctld and slurmd on localhost with every file in a temporary folder. Where it cannot run (not root,
+or the Debian packages missing) the tests that use it are skipped with the script's reason, unless
 MMPRUNE_REQUIRE_SLURM=1 (.ci/run sets it as root), where that is a failure: CI must not go green by skipping.
 """
 

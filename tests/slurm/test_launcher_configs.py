@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-OMP_LINE = 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
+OMP_LINE = "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK"
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from tests.conftest import ROOT
 
 GRID = {("magnitude", "s30"), ("magnitude", "s50"), ("wanda", "s30"), ("wanda", "s50")}
-ACCOUNT = "mmprune-test"  # any name: the local cluster keeps no accounts, but shows what sbatch was given
+ACCOUNT = "mmprune-test"  # made in the cluster's database below, as an admin would on a real cluster
+QOS = "normal"  # the QOS every new SLURM database has
 
 
 def _diagnostics(cluster, sweep: Path) -> str:
@@ -34,23 +35,38 @@ def _diagnostics(cluster, sweep: Path) -> str:
     return "\n".join(parts)
 
 
+def _sweep_args(base: Path, *overrides: str) -> list[str]:
+    """`run.py -m` on the local cluster, writing under `base`, with the tiny model and 4 benchmark samples."""
+    return [
+        sys.executable, "run.py", "-m", "hydra/launcher=slurm_local",
+        f"hydra.sweep.dir={base / 'sweep'}", f"paths.cache_dir={base / 'cache'}",
+        "model.device=cpu", "benchmark.limit=4", "logger=none", *overrides,
+    ]  # fmt: skip
+
+
+def _env(cluster) -> dict[str, str]:
+    # sbatch passes the environment on to the tasks: they find the cluster and stay offline as this process does
+    return cluster.env | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+
+
 @pytest.fixture(scope="module")
 def sweep(slurm_cluster, tmp_path_factory):
+    # SLURM runs a job under the account it names only where the user has an association with it
+    slurm_cluster.run("sacctmgr", "-i", "add", "account", ACCOUNT)
+    slurm_cluster.run("sacctmgr", "-i", "add", "user", "root", f"account={ACCOUNT}")
     base = tmp_path_factory.mktemp("slurm_sweep")
     sweep_dir = base / "sweep"
-    args = [
-        sys.executable, "run.py", "-m", "hydra/launcher=slurm_local",
-        f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={base / 'cache'}",
+    args = _sweep_args(
+        base,
         # two tasks at a time at most, on top of what the node's two CPUs allow: checks the throttle reaches sbatch
-        "hydra.launcher.array_parallelism=2", f"hydra.launcher.account={ACCOUNT}",
-        "model.device=cpu", "pruner=magnitude,wanda", "sparsity=s30,s50",
-        "benchmark.limit=4", "calibration.nsamples=8", "logger=none",
-    ]  # fmt: skip
-    env = slurm_cluster.env | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+        "hydra.launcher.array_parallelism=2", f"hydra.launcher.account={ACCOUNT}", f"hydra.launcher.qos={QOS}",
+        "pruner=magnitude,wanda", "sparsity=s30,s50", "calibration.nsamples=8",
+    )  # fmt: skip
     start = time.monotonic()
     try:
         # The launcher blocks until every task has finished; 4 tasks of ~10 s, two at a time, take well under this.
-        proc = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(args, check=False, cwd=ROOT, env=_env(slurm_cluster), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail(f"the SLURM sweep did not finish in 300 s:\n{_diagnostics(slurm_cluster, sweep_dir)}")
     seconds = time.monotonic() - start
@@ -59,6 +75,10 @@ def sweep(slurm_cluster, tmp_path_factory):
     )
     print(f"SLURM sweep of 4 jobs: {seconds:.1f} s")
     return sweep_dir
+
+
+def _jobs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def _array_id(sweep_dir: Path) -> str:
@@ -71,26 +91,27 @@ def _array_id(sweep_dir: Path) -> str:
     return array_id
 
 
+FIELDS = "JobID,State,ExitCode,Partition,Account,QOS,AllocCPUS,JobName"
+
+
 @pytest.fixture(scope="module")
-def queue(sweep, slurm_cluster) -> list[list[str]]:
-    """squeue's rows for the sweep's array once SLURM has closed every task.
+def accounting(sweep, slurm_cluster) -> list[dict[str, str]]:
+    """sacct's records of the sweep's array (one row per task), once SLURM has closed every task.
 
     The launcher returns as soon as every task has written its result file; the task's process then still has
-    to exit and SLURM to record it, which takes a few seconds. Finished jobs stay listed for the cluster's MinJobAge
-    (an hour), so this reads the controller's own record, not a file the job wrote.
+    to exit, and slurmctld to hand the record to slurmdbd, which takes a few seconds.
     """
     array_id = _array_id(sweep)
     deadline = time.monotonic() + 60
     while True:
-        out = slurm_cluster.run("squeue", "--states=all", "-r", "-h", "-j", array_id, "-o", "%F|%K|%T|%P|%a|%C|%j")
-        rows = sorted(line.split("|") for line in out.splitlines())
-        if all(r[2] not in ("PENDING", "RUNNING", "COMPLETING") for r in rows) or time.monotonic() > deadline:
+        out = slurm_cluster.run("sacct", "-X", "-P", "-n", "-j", array_id, "-o", FIELDS)
+        rows = sorted((dict(zip(FIELDS.split(","), line.split("|"))) for line in out.splitlines()),
+                      key=lambda r: r["JobID"])  # fmt: skip
+        if (len(rows) == 4 and all(r["State"] not in ("PENDING", "RUNNING", "COMPLETING") for r in rows)) or (
+            time.monotonic() > deadline
+        ):
             return rows
         time.sleep(0.5)
-
-
-def _jobs(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def test_every_sweep_point_ran_and_wrote_results(sweep):
@@ -107,15 +128,18 @@ def test_every_sweep_point_ran_and_wrote_results(sweep):
     assert points == GRID
 
 
-def test_the_sweep_was_one_job_array_of_four_tasks_that_slurm_completed(sweep, queue):
+def test_the_sweep_was_one_job_array_of_four_tasks_that_slurm_completed(sweep, accounting, slurm_cluster):
     array_id = _array_id(sweep)
-    shown = "\n".join("|".join(r) for r in queue)
-    assert [r[0] for r in queue] == [array_id] * 4, shown  # one array
-    assert [r[1] for r in queue] == ["0", "1", "2", "3"], shown  # its four tasks
-    for _, _, state, partition, account, cpus, name in queue:
-        assert state == "COMPLETED", shown
-        # the launcher config's values as SLURM received them
-        assert (partition, account, cpus, name) == ("debug", ACCOUNT, "1", "prune_eval"), shown
+    shown = "\n".join(str(r) for r in accounting)
+    assert [r["JobID"] for r in accounting] == [f"{array_id}_{t}" for t in range(4)], shown  # one array, 4 tasks
+    for row in accounting:
+        assert (row["State"], row["ExitCode"]) == ("COMPLETED", "0:0"), shown
+        # the launcher config's values as SLURM ran them
+        assert (row["Partition"], row["Account"], row["QOS"]) == ("debug", ACCOUNT, QOS), shown
+        assert (row["AllocCPUS"], row["JobName"]) == ("1", "prune_eval"), shown
+    # and the controller's own view agrees: one array job id, task ids 0-3
+    out = slurm_cluster.run("squeue", "--states=all", "-r", "-h", "-j", array_id, "-o", "%F %K %T")
+    assert sorted(out.split("\n")[:-1]) == [f"{array_id} {t} COMPLETED" for t in range(4)], out
 
 
 def test_jobs_ran_with_this_venvs_python_and_the_launcher_setup(sweep):
@@ -135,3 +159,37 @@ def test_dense_baseline_is_shared_through_the_cache(sweep):
     assert len({r["dense_score"] for r in results}) == 1
     # two tasks at a time: at least the second pair finds the baseline the first pair wrote
     assert sum(r["dense_from_cache"] for r in results) >= 2
+
+
+def test_a_task_cancelled_on_slurm_fails_the_sweep_instead_of_hanging(slurm_cluster, tmp_path):
+    """submitit learns the fate of a task that wrote no result from sacct, hence the cluster's slurmdbd.
+
+    Without accounting the launcher would wait for ever on a task that was cancelled, killed for memory or lost
+    with its node; here the sweep ends with an error naming the state.
+    """
+    name = "mmprune-cancel-me"  # finds the task in the queue
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(_sweep_args(tmp_path, f"hydra.launcher.name={name}", "pruner=magnitude"), cwd=ROOT,
+                                env=_env(slurm_cluster), stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        job = ""
+        while not job:
+            assert proc.poll() is None, f"run.py -m ended before its task ran:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the task never ran:\n{_diagnostics(slurm_cluster, tmp_path / 'sweep')}"
+            time.sleep(0.25)
+            job = slurm_cluster.run("squeue", "-h", "-r", "-n", name, "-t", "running", "-o", "%i").strip()
+        slurm_cluster.run("scancel", job)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run.py -m still waits 120 s after its only task ({job}) was cancelled")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode != 0, output[-3000:]
+    assert f"Job {job}" in output and "CANCELLED" in output, output[-3000:]  # submitit's message
+    assert slurm_cluster.run("sacct", "-X", "-n", "-P", "-j", job, "-o", "State").startswith("CANCELLED")
