@@ -4,7 +4,8 @@
               (fingerprint: a resume with another config is refused), read the benchmark and calibration data
     load      the model (a disk-streamed run reloads its pruned checkpoint after pruning)
     dense     evaluate the unpruned model, or reuse the cached baseline of the same model + benchmark
-    prune     calibrate and prune (a disk-streamed model is written out and reloaded)
+    prune     calibrate and prune, layer by layer, each finished layer checkpointed in the run directory (a disk-
+              streamed model is written out and reloaded)
     report    achieved sparsity per matrix / layer / overall; save the pruned model if asked
     evaluate  the pruned model, resuming from the rows already in samples.jsonl
     results   results.json and W&B
@@ -13,7 +14,7 @@ Every run directory ends up with ``results.json`` (headline figures + group labe
 ``sparsity.json``, ``fingerprint.json`` and Hydra's ``.hydra/`` config, so other tools can read a run without
 this package. Errors the user can fix (:class:`~mmprune_exp.errors.UserError`) end the job with one line and
 exit code 2; SIGTERM/SIGINT end it with 143/130 after logging, finishing the W&B run as failed and keeping
-the samples written so far.
+the pruned layers and samples written so far: the same command into the same run directory continues from them.
 """
 
 from __future__ import annotations
@@ -214,10 +215,23 @@ def dense_cache_lock(cache: Path) -> Iterator[None]:
 
 
 def prune(job: Job, adapter: ModelAdapter) -> Path | None:
-    """Prune in place. A disk-streamed model is written to ``pruned_model/`` instead; returns that folder."""
+    """Prune in place. A disk-streamed model is written to ``pruned_model/`` instead; returns that folder.
+
+    A calibrated pruner checkpoints every finished decoder layer in ``<run dir>/prune_ckpt`` (``prune_checkpoint``),
+    and continues from there when an earlier attempt of this run stopped (checkpointing.py).
+    """
+    from mmprune_exp.checkpointing import CHECKPOINT_DIR, PruneCheckpoint
+    from mmprune_exp.pruners.sequential import SequentialPruner
+
     pruned_dir = job.run_dir / "pruned_model"
     if job.streamed:  # pruned layers are written to pruned_dir as they finish
         adapter.layer_streamer.begin_output(pruned_dir)
+    if isinstance(job.pruner, SequentialPruner):
+        if job.cfg.prune_checkpoint:
+            job.pruner.checkpoint = PruneCheckpoint(job.run_dir / CHECKPOINT_DIR, pruned_dir if job.streamed else None)
+        elif (job.run_dir / CHECKPOINT_DIR).exists():
+            log.warning("prune_checkpoint=false: pruning from the start; the earlier attempt's %s is not used",
+                        job.run_dir / CHECKPOINT_DIR)  # fmt: skip
     with job.timer("prune"):
         job.pruner.prune(adapter, job.calibration)
     if not job.streamed:
@@ -330,6 +344,7 @@ def results(job: Job, result: EvalResult, dense_result: EvalResult | None, dense
 
 def run(cfg: DictConfig) -> float:
     """Run one job; returns the pruned score (what a Hydra sweeper would optimise)."""
+    from mmprune_exp.checkpointing import remove_checkpoint
     from mmprune_exp.interrupts import Interrupted, signals_as_exceptions
     from mmprune_exp.tracking import build_tracker
 
@@ -352,15 +367,23 @@ def run(cfg: DictConfig) -> float:
             sparsity = report(job, adapter)
             result = evaluate_pruned(job, adapter)
             score = results(job, result, dense_result, dense_dir, sparsity)["score"]
+            remove_checkpoint(job.run_dir)  # results.json supersedes it; a rerun of a finished run prunes afresh
             exit_code = 0
             return score
         except Interrupted as stop:
             exit_code = stop.exit_code
             log.error(
-                "interrupted by %s: samples written so far are kept in %s; rerun the same command with "
-                "hydra.run.dir=%s to resume", stop, job.run_dir, job.run_dir,
+                "interrupted by %s: pruned layers and samples written so far are kept in %s; rerun the same "
+                "command with hydra.run.dir=%s to resume", stop, job.run_dir, job.run_dir,
             )  # fmt: skip
             raise SystemExit(exit_code) from None
+        except SystemExit as stop:
+            # sys.exit() inside a stage: submitit's handler of SLURM's SIGUSR2 (time limit near, or preemption)
+            # exits this way right after it requeued the job. The requeued job runs this config in this directory.
+            exit_code = stop.code if isinstance(stop.code, int) and stop.code else 1
+            log.error("stopped by sys.exit(%s) (submitit does this after requeueing the job); pruned layers and "
+                      "samples written so far are kept in %s for the next attempt", stop.code, job.run_dir)  # fmt: skip
+            raise
         except UserError:
             exit_code = USER_ERROR_EXIT  # the W&B run shows the process's exit code
             raise

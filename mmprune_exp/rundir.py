@@ -1,8 +1,8 @@
 """What a run directory remembers about the config that produced it, so a resume cannot mix configs.
 
-``evaluate`` resumes from the rows already in ``samples.jsonl``. That is only right when the rows came from
-the same experiment: the same checkpoint, pruner, sparsity, calibration data, benchmark and generation
-settings. The first run writes ``fingerprint.json`` (those values, flattened to dotted keys); a later run
+``evaluate`` resumes from the rows already in ``samples.jsonl``, and pruning from the layers in ``prune_ckpt/``.
+That is only right when they came from the same experiment: the same checkpoint, pruner, sparsity, calibration
+data, benchmark and generation settings. The first run writes ``fingerprint.json`` (those values, flattened to dotted keys); a later run
 into the same directory compares and refuses with the differing keys before anything loads.
 """
 
@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from mmprune_exp.errors import ConfigError
 
 FINGERPRINT_FILE = "fingerprint.json"
+#: What a run leaves that a later run into the directory continues from (checkpointing.CHECKPOINT_DIR's state).
+RESULT_FILES = ("samples.jsonl", "results.json", "prune_ckpt/state.pt")
 # Groups and root keys that decide what a run computes (logger, paths, tags and caching do not).
 _GROUPS = ("model", "pruner", "sparsity", "calibration", "benchmark", "token_pruner")
 _ROOT_KEYS = ("seed",)
@@ -78,7 +80,8 @@ def claim(run_dir: Path, cfg: DictConfig) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     now = json.loads(json.dumps(fingerprint(cfg), default=str))  # as it reads back from the file
     file = run_dir / FINGERPRINT_FILE
-    has_results = any((run_dir / name).exists() for name in ("samples.jsonl", "results.json"))
+    # A pruning checkpoint is a result too: resuming it under another config would mix two configs' layers.
+    has_results = any((run_dir / name).exists() for name in RESULT_FILES)
     if file.exists() and has_results:  # a fingerprint without results (a run that failed early) is replaced
         before = json.loads(file.read_text())
         diff = _differences(before, now)

@@ -198,6 +198,7 @@ class RootConfig:
     dense_baseline: bool = True  # also evaluate the unpruned model (cached) for recovery
     use_dense_cache: bool = True  # reuse a cached dense baseline when one matches
     save_model: bool = False  # write the pruned model to <run dir>/pruned_model
+    prune_checkpoint: bool = True  # checkpoint pruned decoder layers in <run dir>/prune_ckpt (resume after a kill)
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -25,13 +25,16 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mmprune_exp.models.base import ModelAdapter, Request
+
+if TYPE_CHECKING:
+    from mmprune_exp.checkpointing import PruneCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +189,7 @@ class SequentialEngine:
         desc: str = "prune",
         keep_dense_outputs: bool = False,
         prepare_sample: SamplePreparer | None = None,
+        checkpoint: PruneCheckpoint | None = None,
     ) -> list[LayerInputs]:
         """Returns the inputs of the layer after the last one (the final hidden states).
 
@@ -193,10 +197,25 @@ class SequentialEngine:
         sample's pass stops as soon as the last hooked linear has seen its input: down_proj's matmul, about
         30% of a decoder layer, is skipped. Pass ``keep_dense_outputs=True`` for a measuring pass that leaves
         the weights alone (OWL's outlier pass): its dense outputs then feed the next layer directly.
+
+        With a ``checkpoint`` (the pruning pass only), each finished layer is recorded in it, and the layers an
+        earlier attempt finished get their pruned weights back instead of being pruned again; ``inputs`` are then
+        run through them to reach the first unfinished layer (``inputs=[]`` when every layer is finished).
         """
         layers = self.adapter.decoder_layers()
         streamer = self.adapter.layer_streamer  # model.offload=disk
+        restored = checkpoint.done if checkpoint is not None else 0
+        if restored:
+            log.info("%s: %d of %d layers were pruned by an earlier attempt of this run; restoring them from %s",
+                     desc, restored, len(layers), checkpoint.directory)  # fmt: skip
         for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
+            if index < restored:
+                checkpoint.restore_layer(index, layer, self.device, streamer, load=bool(inputs))
+                if inputs:  # the next layer's inputs, as the first attempt computed them
+                    inputs = [replace(x, hidden=forward_layer(layer, x, self.device).to(x.hidden.device)) for x in inputs]
+                    if streamer is not None:
+                        streamer.offload(index, write=False)  # its pruned file is registered with the streamer
+                continue
             if streamer is not None:
                 streamer.onload(index, self.device)
             linears = self.by_layer.get(index, {})
@@ -227,6 +246,8 @@ class SequentialEngine:
             inputs = [replace(x, hidden=o.to(x.hidden.device)) for x, o in zip(inputs, outs)]
             if streamer is not None:  # write the pruned layer out and free it before the next one
                 streamer.offload(index, write=changed)
+            if checkpoint is not None:  # after the streamer wrote it: the checkpoint points at that file
+                checkpoint.save_layer(index, layer, changed, streamer)
         return inputs
 
     def _hook_statistics(self, linears: dict[str, nn.Linear], make_stat: Callable[[nn.Linear], Any],

@@ -63,6 +63,8 @@ class OWLConfig(PrunerConfig):
 
 @register_pruner("owl", schema=OWLConfig)
 class OWLPruner(WandaPruner):
+    state_attrs = ("outlier_ratios", "layer_values")  # the plan (checkpointing: SequentialPruner.state_attrs)
+
     def __init__(self, cfg, sparsity: SparsityConfig):
         super().__init__(cfg, sparsity)
         if sparsity.structure != "unstructured":

@@ -77,6 +77,9 @@ class SelectedInputScaler:
 
 @register_pruner("qwen_tamp", schema=QwenTampConfig)
 class QwenTampPruner(WandaPruner):
+    # the plan and the per-layer token records (checkpointing: SequentialPruner.state_attrs)
+    state_attrs = ("layer_scores", "layer_values", "tokens", "fallbacks")
+
     def __init__(self, cfg: QwenTampConfig, sparsity: SparsityConfig):
         super().__init__(cfg, sparsity)
         if sparsity.structure != "unstructured":

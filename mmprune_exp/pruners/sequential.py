@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from mmprune_exp.models.base import ModelAdapter
 from mmprune_exp.pruners.base import Pruner
 from mmprune_exp.pruners.engine import LayerInputs, SamplePreparer, SequentialEngine, collect_layer_inputs
 
+if TYPE_CHECKING:
+    from mmprune_exp.checkpointing import PruneCheckpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +24,14 @@ class SequentialPruner(Pruner):
     """Subclasses set ``make_stat`` (statistic per target linear) and implement ``prune_linear``."""
 
     needs_calibration = True
+    #: Attributes holding what the method computed besides the weights: its plan (per-layer or per-matrix
+    #: sparsities) and per-layer records that ``report()`` writes to sparsity.json. They are saved with every
+    #: finished layer, so a resumed run skips the plan and reports exactly what an uninterrupted one does. An
+    #: attribute missing here would come back empty after a resume (tests/pruners/test_checkpoint.py checks
+    #: that every calibrated pruner's report survives one).
+    state_attrs: tuple[str, ...] = ()
+    #: Set by the run before ``prune``: finished layers are recorded there, and an earlier attempt's are reused.
+    checkpoint: PruneCheckpoint | None = None
 
     def make_stat(self, linear: nn.Linear) -> Any:
         raise NotImplementedError
@@ -46,13 +57,41 @@ class SequentialPruner(Pruner):
         allocates per matrix (TAMP's DAS)."""
         return self.layer_sparsity(index)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.state_attrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            current = getattr(self, name)
+            if isinstance(current, dict):  # in place: statistics made earlier may hold a reference to it
+                current.clear()
+                current.update(value)
+            else:
+                setattr(self, name, value)
+
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData | None) -> None:
         if calibration is None or not calibration.requests:
             raise ValueError(f"pruner={self.cfg.name} needs calibration data; set calibration=<set> with nsamples > 0")
         engine = SequentialEngine(adapter, self.targets(adapter))
-        inputs = collect_layer_inputs(adapter, calibration.requests, calibration.max_length)
-        self.plan(engine, inputs)
-        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}", prepare_sample=self.sample_preparer())
+        checkpoint = self.checkpoint
+        n_layers = len(adapter.decoder_layers())
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint.bind(self.cfg.name, n_layers, self.state_dict))
+        if checkpoint is not None and checkpoint.done == n_layers:
+            # Every layer was pruned before the job stopped (in the evaluation, say): no calibration pass at all.
+            inputs = []
+        else:
+            inputs = collect_layer_inputs(adapter, calibration.requests, calibration.max_length)
+            if checkpoint is not None and checkpoint.planned:
+                if type(self).plan is not SequentialPruner.plan:
+                    log.info("%s: the plan comes from an earlier attempt of this run (%s)", self.cfg.name,
+                             checkpoint.directory)  # fmt: skip
+            else:
+                self.plan(engine, inputs)
+                if checkpoint is not None:
+                    checkpoint.save_plan()
+        engine.run(inputs, self.make_stat, self._prune_layer, desc=f"{self.cfg.name}", prepare_sample=self.sample_preparer(),
+                   checkpoint=checkpoint)  # fmt: skip
 
     @torch.no_grad()
     def _prune_layer(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, Any]) -> bool:

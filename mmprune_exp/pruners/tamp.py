@@ -137,6 +137,9 @@ class AMIAScaler:
 @register_pruner("tamp_das")
 @register_pruner("tamp_amia")
 class TampPruner(WandaPruner):
+    # DAS's plan and AMIA's per-layer records (checkpointing: SequentialPruner.state_attrs)
+    state_attrs = ("scores", "matrix_values", "amia_guards", "amia_tokens")
+
     def __init__(self, cfg: TampConfig, sparsity: SparsityConfig):
         super().__init__(cfg, sparsity)
         self.max_sparsity = cfg.max_sparsity if cfg.max_sparsity is not None else min(sparsity.value + 0.1, 0.99)
