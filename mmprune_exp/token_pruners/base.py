@@ -75,8 +75,14 @@ class TokenPruner:
         return self.cfg.name != "none"
 
     @contextmanager
-    def attach(self, adapter: ModelAdapter, out_dir: Path | None = None) -> Iterator[TokenSession]:
+    def attach(self, adapter: ModelAdapter, out_dir: Path | None = None) -> Iterator[TokenSession | None]:
         points = self.points(adapter) if self.cfg.keep_ratio < 1.0 or self.always_reduce else []
+        if not points:
+            try:  # nothing to install: a model family without the mechanism is evaluated as is, with no token report
+                adapter.token_reduction([], vision_stats=False)
+            except (NotImplementedError, AttributeError):
+                yield None
+                return
         with adapter.token_reduction(points, vision_stats=self.needs_vision_stats and bool(points)) as mechanism:
             yield TokenSession(mechanism, adapter.decoder_shape(), self.cfg, out_dir)
 
