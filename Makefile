@@ -57,7 +57,7 @@ endif
 SYNC_DIR ?= outputs
 SYNC_ARGS ?=
 
-sweep: install ## A sweep and its report: EXPERIMENT=pruner_curve (5 pruners x 5 sparsities, ~4 min on CPU), ARGS=overrides
+sweep: install ## A sweep and its report: EXPERIMENT=pruner_curve (25 jobs, ~20 min on 2 CPU cores), ARGS=overrides
 	$(PY) run.py experiment=$(EXPERIMENT) hydra.mode=MULTIRUN hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(PY) -m mmprune_exp.report $(SWEEP_DIR)
 
