@@ -16,7 +16,7 @@ from mmprune_exp.config.schema import ModelConfig
 if TYPE_CHECKING:
     from mmprune_exp.models.offload import LayerStreamer
 from mmprune_exp.errors import ConfigError, ModelLoadError
-from mmprune_exp.models.token_reduction import DecoderShape, ReductionPoint
+from mmprune_exp.models.token_reduction import DecoderShape, LayerPlan, ReductionPoint
 from mmprune_exp.registry import Registry
 
 
@@ -105,10 +105,12 @@ class ModelAdapter(ABC):
         fp32 ``[N]``), from the layer's captured inputs: TAMP's AMIA prior. A family that supports it overrides."""
         raise NotImplementedError(f"{type(self).__name__} cannot compute the last-query attention prior")
 
-    def token_reduction(self, points: list[ReductionPoint], vision_stats: bool = False):
+    def token_reduction(self, points: list[ReductionPoint], vision_stats: bool = False,
+                        plans: dict[int, LayerPlan] | None = None):  # fmt: skip
         """A context manager that installs visual-token reduction ``points`` into the model's forward (see
         :mod:`mmprune_exp.models.token_reduction`); its ``records`` and ``timing`` describe the latest prefill.
-        ``vision_stats``: also collect the vision tower's per-token attention statistics (VisionZip)."""
+        ``vision_stats``: also collect the vision tower's per-token attention statistics (VisionZip). ``plans``:
+        per decoder layer, what it computes for visual tokens or observes (YOPO)."""
         raise NotImplementedError(f"{type(self).__name__} does not support token pruning")
 
     def decoder_shape(self) -> DecoderShape:

@@ -249,10 +249,10 @@ class Qwen25VLAdapter(ModelAdapter):
 
         return last_query_attention(layer, inputs)
 
-    def token_reduction(self, points, vision_stats: bool = False):
+    def token_reduction(self, points, vision_stats: bool = False, plans=None):
         from mmprune_exp.models.qwen_token_reduction import QwenTokenReduction
 
-        return QwenTokenReduction(self.model, points, vision_stats)
+        return QwenTokenReduction(self.model, points, vision_stats, plans)
 
     def decoder_shape(self) -> DecoderShape:
         tc = self.model.config.get_text_config()

@@ -11,6 +11,15 @@ reduction points of a token pruner during prefill:
 - decode positions come from ``generate``'s own 4-row ``position_ids`` (original coordinates), so decoding continues
   at the unpruned maximum position + 1 whatever the cache length.
 
+Layer plans (:class:`~mmprune_exp.models.token_reduction.LayerPlan`, YOPO) change what a decoder layer computes
+for visual tokens. Such a layer is run by :meth:`QwenTokenReduction._planned_layer` instead of the stock call: the
+same projections, rotary embedding, cache update and residual structure, but the queries are split by modality
+(one sample at a time, padding left out) so that visual queries are computed only in the kept heads, only
+against their window's keys, and through only the kept MLP neurons; text queries attend as in the stock layer.
+Its attention is computed with ``scaled_dot_product_attention`` (or explicit softmax where probabilities are
+edited), so its outputs equal the stock layer's only up to float rounding; a layer whose plan changes nothing,
+and every layer without a plan, is the stock call.
+
 With no point, or a point that keeps every slot, the computation is the stock one, op for op (same mask tensors,
 same layer calls), so the logits are bitwise equal to the unpruned model's. Eager and SDPA attention are supported;
 flash-attention derives its varlen layout from positions and is refused.
@@ -26,11 +35,15 @@ from dataclasses import dataclass
 from typing import Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmprune_exp.errors import ConfigError
 from mmprune_exp.models.attention_prior import rotate_half
 from mmprune_exp.models.token_reduction import (
+    LayerObservation,
+    LayerPlan,
+    LayerWork,
     ReductionContext,
     ReductionPoint,
     TokenRecord,
@@ -70,7 +83,8 @@ class _Layout:
 class QwenTokenReduction:
     """Context manager: install ``points`` into a Qwen2.5-VL model's forward; records land in ``records``."""
 
-    def __init__(self, model: nn.Module, points: Sequence[ReductionPoint], vision_stats: bool = False):
+    def __init__(self, model: nn.Module, points: Sequence[ReductionPoint], vision_stats: bool = False,
+                 plans: dict[int, LayerPlan] | None = None):  # fmt: skip
         self.model = model
         self.wrapper = model.model  # Qwen2_5_VLModel: .visual, .language_model
         self.text = self.wrapper.language_model
@@ -91,6 +105,10 @@ class QwenTokenReduction:
         if "sliding_attention" in getattr(config, "layer_types", []):
             raise ConfigError("token pruning does not support sliding-window decoder layers")
         self.points = sorted(points, key=lambda p: p.after_layer)
+        self.plans = dict(plans or {})
+        self._check_plans(n_layers)
+        self._slices: dict[tuple[int, str], torch.Tensor | None] = {}  # kept rows/columns of a layer's weights
+        self._neighbours: dict[tuple[int, int, int, bool], tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.vision_stats = vision_stats
         mc = model.config
         self.visual_ids = torch.tensor([mc.image_token_id, mc.video_token_id])
@@ -111,6 +129,34 @@ class QwenTokenReduction:
         self._initial: _Layout | None = None
         self._t0 = 0.0
         self._prefill_now = False
+
+    def _check_plans(self, n_layers: int) -> None:
+        tc = self.text.config
+        heads = tc.num_attention_heads
+        for i, plan in self.plans.items():
+            where = f"layer plan {i}"
+            if not 0 <= i < n_layers:
+                raise ConfigError(f"{where}: the model has decoder layers 0..{n_layers - 1}")
+            if plan.visual_window is not None and plan.visual_window < 1:
+                raise ConfigError(f"{where}: visual_window must be >= 1, got {plan.visual_window}")
+            if plan.visual_heads is not None:
+                vh = plan.visual_heads
+                if vh.dtype != torch.bool or tuple(vh.shape) != (heads,):
+                    raise ConfigError(f"{where}: visual_heads must be a bool tensor of shape [{heads}], got "
+                                      f"{vh.dtype} {tuple(vh.shape)}")  # fmt: skip
+            if plan.zero_visual_keys and plan.visual_heads is None:
+                raise ConfigError(f"{where}: zero_visual_keys needs visual_heads (the heads that keep them)")
+            if plan.visual_neurons is not None:
+                vn = plan.visual_neurons
+                if vn.dim() != 1 or vn.dtype != torch.long or (vn.numel() and not 0 <= int(vn.min()) <= int(vn.max())
+                                                                < tc.intermediate_size):  # fmt: skip
+                    raise ConfigError(f"{where}: visual_neurons must be a 1-D long tensor of neuron indices in "
+                                      f"0..{tc.intermediate_size - 1}")  # fmt: skip
+                if torch.unique(vn).numel() != vn.numel():
+                    raise ConfigError(f"{where}: visual_neurons names a neuron twice")
+            if plan.probe_mlp and plan.changes_compute:
+                raise ConfigError(f"{where}: probe_mlp observes the stock layer; it cannot be combined with a plan "
+                                  "that changes the computation")  # fmt: skip
 
     # -- install / remove -------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -135,6 +181,8 @@ class QwenTokenReduction:
         self.text.__dict__.pop("forward", None)
         for kind in ("image", "video"):
             self.wrapper.__dict__.pop(f"get_{kind}_features", None)
+        self._slices.clear()
+        self._neighbours.clear()
 
     # -- hooks around the multimodal wrapper --------------------------------------------------------
     def _sync(self) -> None:
@@ -333,13 +381,35 @@ class QwenTokenReduction:
         for point in by_layer.get(-1, []):
             hidden, cur, mask = self._reduce(point, hidden, None, None, cur, items, state, vision, records,
                                              cache, layouts)  # fmt: skip
+        self._neighbours.clear()
         for i, layer in enumerate(self.text.layers):
             layer_input = hidden
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=cur.cos_sin, position_ids=cur.text_pos,
-                           cache=cache, use_cache=use_cache, **kwargs)  # fmt: skip
+            plan = self.plans.get(i)
+            captured: dict[str, torch.Tensor] = {}
+            if plan is not None and plan.changes_compute and bool(cur.visual.any()):
+                hidden, works = self._planned_layer(i, layer, hidden, cur, items, plan, cache if use_cache else None)
+            else:
+                handle = None
+                if plan is not None and plan.probe_mlp:
+                    handle = layer.mlp.down_proj.register_forward_pre_hook(functools.partial(_grab_input, captured))
+                try:
+                    hidden = layer(hidden, attention_mask=mask, position_embeddings=cur.cos_sin,
+                                   position_ids=cur.text_pos, cache=cache, use_cache=use_cache, **kwargs)  # fmt: skip
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                works = [LayerWork(int(n), int(v)) for n, v in zip(cur.valid.sum(1).tolist(), cur.visual.sum(1).tolist())]
             layouts.append(cur)
-            for r, n in zip(records, cur.valid.sum(1).tolist()):
+            for r, n, w in zip(records, cur.valid.sum(1).tolist(), works):
                 r.tokens_per_layer.append(int(n))
+                r.layer_work.append(w)
+            if plan is not None and plan.probe is not None:
+                plan.probe(LayerObservation(
+                    point=None, hidden=layer_input, layer_input=layer_input, position_ids=cur.mrope,
+                    attention_mask=cur.valid.long(), origin=cur.origin, visual=cur.visual, items=items, state=state,
+                    attention=functools.partial(self._attention, layer, layer_input, cur), vision=vision, layer=i,
+                    output=hidden, mlp_activations=captured.get("x"),
+                ))  # fmt: skip
             for point in by_layer.get(i, []):
                 hidden, cur, mask = self._reduce(point, hidden, layer_input, layer, cur, items, state, vision,
                                                  records, cache, layouts)  # fmt: skip
@@ -424,9 +494,242 @@ class QwenTokenReduction:
                         new_cols = torch.ones(b, decoded, dtype=torch.long, device=embeds.device)
                     full = torch.cat([lay.valid.long(), new_cols.to(lay.valid.device)], dim=1)
                     masks[id(lay)] = self._mask(embeds, full, cache, None, i)
+            plan = self.plans.get(i)
+            if plan is not None and plan.zero_visual_keys and bool(lay.visual.any()) and cache is not None:
+                hidden = self._zeroing_decode_layer(i, layer, hidden, cos_sin, lay, mask2d, cache)
+                continue
             hidden = layer(hidden, attention_mask=masks[id(lay)], position_embeddings=cos_sin, position_ids=text_pos,
                            cache=cache, use_cache=use_cache, **kwargs)  # fmt: skip
         return hidden
+
+    # -- layer plans: what a decoder layer computes for visual tokens ------------------------------------
+    def _slice(self, i: int, layer: nn.Module, plan: LayerPlan, what: str) -> torch.Tensor | None:
+        """Rows/columns of layer ``i``'s weights for the kept heads / neurons, cut once per attachment (a copy:
+        slicing on every forward would copy them each time)."""
+        key = (i, what)
+        if key not in self._slices:
+            attn, mlp = layer.self_attn, layer.mlp
+            hd = attn.head_dim
+            heads = torch.nonzero(plan.visual_heads).flatten() if plan.visual_heads is not None else None
+            neurons = plan.visual_neurons
+            if what in ("q_w", "q_b"):
+                t = attn.q_proj.weight if what == "q_w" else attn.q_proj.bias
+                out = None if t is None else t.view(attn.config.num_attention_heads, hd, *t.shape[1:])[
+                    heads.to(t.device)].reshape(-1, *t.shape[1:])  # fmt: skip
+            elif what == "o_w":
+                w = attn.o_proj.weight
+                out = w.view(w.shape[0], -1, hd)[:, heads.to(w.device)].reshape(w.shape[0], -1)
+            else:  # gate/up rows and down columns of the kept neurons
+                proj = getattr(mlp, what[:-2])
+                t = proj.weight if what.endswith("_w") else proj.bias
+                if t is None:
+                    out = None
+                elif what.startswith("down") and what.endswith("_w"):
+                    out = t[:, neurons.to(t.device)]
+                elif what.startswith("down"):
+                    out = t
+                else:
+                    out = t[neurons.to(t.device)]
+            self._slices[key] = None if out is None else out.contiguous()
+        return self._slices[key]
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The model's rotary embedding of ``x`` ``[..., heads, rows, d]`` with ``cos``/``sin`` ``[..., rows, d]``."""
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+        return (x * cos) + (rotate_half(x) * sin)
+
+    def _planned_layer(self, i: int, layer: nn.Module, hidden: torch.Tensor, cur: _Layout, items, plan: LayerPlan,
+                       cache) -> tuple[torch.Tensor, list[LayerWork]]:  # fmt: skip
+        """Decoder layer ``i`` at prefill under ``plan`` (see the module docstring); returns its output and, per
+        sample, the work it did. Padding slots pass through unchanged (nothing reads them)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        b, s, _ = hidden.shape
+        n_heads, hd = attn.config.num_attention_heads, attn.head_dim
+        groups = attn.num_key_value_groups
+        x = layer.input_layernorm(hidden)
+        cos, sin = cur.cos_sin
+        k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
+        k = self._rope(k, cos, sin)
+        if cache is not None:  # the cache holds every slot of the layout (text queries read the visual keys)
+            k, v = cache.update(k, v, i)
+        all_heads = torch.arange(n_heads, device=x.device)
+        kept = torch.nonzero(plan.visual_heads.to(x.device)).flatten() if plan.visual_heads is not None else all_heads
+        dropped = all_heads[~plan.visual_heads.to(x.device)] if plan.visual_heads is not None else all_heads[:0]
+        kv_of = all_heads // groups  # query head j reads KV head j // groups
+        attn_out = torch.zeros_like(hidden)
+        works = []
+        for bi in range(b):
+            valid, vis = cur.valid[bi], cur.visual[bi] & cur.valid[bi]
+            slots = torch.nonzero(valid).flatten()  # key slots, in order
+            kb, vb = k[bi][:, slots], v[bi][:, slots]  # [kv, n, hd]
+            key_visual = vis[slots]
+            t_rows = torch.nonzero(valid & ~vis).flatten()
+            v_rows = torch.nonzero(vis).flatten()
+            if t_rows.numel():
+                q = attn.q_proj(x[bi, t_rows]).view(-1, n_heads, hd).transpose(0, 1)
+                q = self._rope(q, cos[bi, t_rows], sin[bi, t_rows])
+                allowed = slots[None, :] <= t_rows[:, None]  # causal over the sample's real slots
+                if plan.zero_visual_keys and dropped.numel():
+                    o = torch.empty_like(q)
+                    o[kept] = _sdpa(q[kept], kb[kv_of[kept]], vb[kv_of[kept]], allowed, attn.scaling)
+                    o[dropped] = _zeroed_visual_keys(q[dropped], kb[kv_of[dropped]], vb[kv_of[dropped]], allowed,
+                                                     key_visual, attn.scaling)  # fmt: skip
+                else:
+                    o = _sdpa(q, kb[kv_of], vb[kv_of], allowed, attn.scaling)
+                attn_out[bi, t_rows] = attn.o_proj(o.transpose(0, 1).reshape(t_rows.numel(), -1))
+            keys = None
+            if v_rows.numel() and kept.numel():
+                if plan.visual_heads is None:
+                    q = attn.q_proj(x[bi, v_rows])
+                else:
+                    q = F.linear(x[bi, v_rows], self._slice(i, layer, plan, "q_w"), self._slice(i, layer, plan, "q_b"))
+                q = self._rope(q.view(-1, kept.numel(), hd).transpose(0, 1), cos[bi, v_rows], sin[bi, v_rows])
+                kk, vv = kb[kv_of[kept]], vb[kv_of[kept]]
+                if plan.visual_window is None:
+                    o = _sdpa(q, kk, vv, slots[None, :] <= v_rows[:, None], attn.scaling)
+                else:
+                    o, keys = self._window_attention(q, kk, vv, slots, key_visual, v_rows, cur, items, bi, plan,
+                                                     attn.scaling)  # fmt: skip
+                o = o.transpose(0, 1).reshape(v_rows.numel(), -1)
+                if plan.visual_heads is None:
+                    attn_out[bi, v_rows] = attn.o_proj(o)
+                else:
+                    attn_out[bi, v_rows] = F.linear(o, self._slice(i, layer, plan, "o_w"), attn.o_proj.bias)
+            elif v_rows.numel() and attn.o_proj.bias is not None:  # no head computed: only o_proj's bias remains
+                attn_out[bi, v_rows] = attn.o_proj.bias
+            works.append(LayerWork(
+                tokens=int(slots.numel()), visual=int(v_rows.numel()),
+                visual_head_share=kept.numel() / n_heads, visual_keys=keys,
+                visual_neuron_share=(plan.visual_neurons.numel() / mlp.intermediate_size
+                                     if plan.visual_neurons is not None else 1.0),
+            ))  # fmt: skip
+        hidden = hidden + attn_out
+        y = layer.post_attention_layernorm(hidden)
+        mlp_out = torch.zeros_like(hidden)
+        text = cur.valid & ~cur.visual
+        visual = cur.valid & cur.visual
+        if bool(text.any()):
+            mlp_out[text] = mlp(y[text])
+        if bool(visual.any()):
+            if plan.visual_neurons is None:
+                mlp_out[visual] = mlp(y[visual])
+            else:
+                yv = y[visual]
+                gate = F.linear(yv, self._slice(i, layer, plan, "gate_proj_w"), self._slice(i, layer, plan, "gate_proj_b"))
+                up = F.linear(yv, self._slice(i, layer, plan, "up_proj_w"), self._slice(i, layer, plan, "up_proj_b"))
+                mlp_out[visual] = F.linear(mlp.act_fn(gate) * up, self._slice(i, layer, plan, "down_proj_w"),
+                                           self._slice(i, layer, plan, "down_proj_b"))  # fmt: skip
+        return hidden + mlp_out, works
+
+    def _window_attention(self, q, k, v, slots, key_visual, v_rows, cur: _Layout, items, bi: int, plan: LayerPlan,
+                          scale: float) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """Visual queries ``q`` ``[h, nv, d]`` over the text keys before them and the visual keys of their window
+        (``k``/``v`` ``[h, n, d]``: the sample's real slots ``slots``). Returns ``[h, nv, d]`` and the mean number
+        of keys per query the window needs (all text keys + its in-grid neighbours, the full-square count)."""
+        nbr, ok, neighbours = self._neighbour_keys(cur, items, bi, plan, slots, v_rows)  # [nv, W] each
+        text_pos = torch.nonzero(~key_visual).flatten()
+        kt, vt = k[:, text_pos], v[:, text_pos]
+        text_ok = slots[text_pos][None, :] <= v_rows[:, None]  # [nv, nt] causal
+        out = torch.empty_like(q)
+        # Gathered neighbour keys are [h, rows, W, d]: a chunk of query rows at a time bounds that memory.
+        chunk = max(1, (1 << 24) // max(1, q.shape[0] * nbr.shape[1] * q.shape[-1]))
+        for c in range(0, q.shape[1], chunk):
+            qc = q[:, c : c + chunk]
+            idx, okc = nbr[c : c + chunk], ok[c : c + chunk]
+            kn, vn = k[:, idx], v[:, idx]  # [h, rows, W, d]
+            st = torch.matmul(qc, kt.transpose(-1, -2)) * scale
+            sn = torch.einsum("hqd,hqwd->hqw", qc, kn) * scale
+            st = st.masked_fill(~text_ok[c : c + chunk], float("-inf"))
+            sn = sn.masked_fill(~okc, float("-inf"))
+            p = torch.softmax(torch.cat([st, sn], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+            pt, pn = p[..., : kt.shape[1]], p[..., kt.shape[1] :]
+            out[:, c : c + chunk] = torch.matmul(pt, vt) + torch.einsum("hqw,hqwd->hqd", pn, vn)
+        return out, float(text_pos.numel()) + neighbours
+
+    def _neighbour_keys(self, cur: _Layout, items, bi: int, plan: LayerPlan, slots: torch.Tensor,
+                        v_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+        """For each visual query slot of sample ``bi``: the positions (in ``slots``) of the visual tokens of its own
+        item within ``(w-1)//2`` cells on every grid axis (itself included), and which of them exist (in the grid,
+        still in the layout, and before the query when the window is causal); ``[nv, W]`` each, padded; and the
+        mean neighbour count per query. Every layer of one prefill with the same layout and window shares them."""
+        window, causal = plan.visual_window, plan.visual_window_causal
+        key = (id(cur), bi, window, causal)
+        if key in self._neighbours:
+            return self._neighbours[key]
+        device = slots.device
+        origin = cur.origin[bi]
+        position = torch.full((int(origin.max()) + 1,), -1, dtype=torch.long, device=device)
+        position[origin[slots]] = torch.arange(slots.numel(), device=device)  # original index -> key position
+        o = origin[v_rows]
+        r = (window - 1) // 2
+        found, widest = [], 1
+        for item in items[bi]:
+            member = (o >= item.start) & (o < item.stop)
+            if not bool(member.any()):
+                continue
+            t, h, w = item.grid
+            rel = o[member] - item.start
+            ti, hi, wi = rel // (h * w), (rel // w) % h, rel % w
+            # offsets beyond the grid's extent can never land inside it: a single-frame image gets no t offsets
+            dt, dh, dw = torch.meshgrid(*(torch.arange(-min(r, e - 1), min(r, e - 1) + 1, device=device)
+                                          for e in (t, h, w)), indexing="ij")  # fmt: skip
+            nt, nh, nw = ti[:, None] + dt.flatten(), hi[:, None] + dh.flatten(), wi[:, None] + dw.flatten()
+            inside = (nt >= 0) & (nt < t) & (nh >= 0) & (nh < h) & (nw >= 0) & (nw < w)
+            orig = (item.start + (nt * h + nh) * w + nw).clamp(0, position.numel() - 1)
+            found.append((member, torch.where(inside, position[orig], -1)))
+            widest = max(widest, found[-1][1].shape[1])
+        rows = torch.full((v_rows.numel(), widest), -1, dtype=torch.long, device=device)
+        for member, pos in found:
+            rows[member, : pos.shape[1]] = pos
+        ok = rows >= 0
+        # the analytic count: every neighbour in the window, before and after (the full-square convention of
+        # DecoderShape.layer_flops, which counts all n keys of a causal query too)
+        count = float(ok.sum(1).float().mean()) if v_rows.numel() else 0.0
+        rows = rows.clamp(min=0)
+        if causal:
+            ok &= slots[rows] <= v_rows[:, None]
+        self._neighbours[key] = (rows, ok, count)
+        return self._neighbours[key]
+
+    def _zeroing_decode_layer(self, i: int, layer: nn.Module, hidden, cos_sin, lay: _Layout, mask2d, cache):
+        """A decode step of layer ``i`` whose plan zeroes, in the heads visual tokens do not use, every query's
+        probabilities toward the prompt's visual keys after the softmax (no renormalisation); the rest is the
+        stock layer's arithmetic."""
+        attn = layer.self_attn
+        plan = self.plans[i]
+        b, t, _ = hidden.shape
+        n_heads, hd = attn.config.num_attention_heads, attn.head_dim
+        x = layer.input_layernorm(hidden)
+        cos, sin = cos_sin
+        q = self._rope(attn.q_proj(x).view(b, t, -1, hd).transpose(1, 2), cos, sin)
+        k = self._rope(attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        k, v = cache.update(k, v, i)
+        total = k.shape[2]
+        prompt = lay.valid.shape[1]
+        if lay is self._initial and mask2d is not None:
+            valid = mask2d.bool()
+        elif mask2d is not None:
+            valid = torch.cat([lay.valid, mask2d[:, self._prompt_len :].bool()], dim=1)
+        else:
+            valid = torch.cat([lay.valid, torch.ones(b, total - prompt, dtype=torch.bool, device=x.device)], dim=1)
+        valid = valid[:, -total:].to(x.device)
+        key_visual = torch.cat([lay.visual, torch.zeros(b, total - prompt, dtype=torch.bool, device=x.device)], dim=1)
+        allowed = valid[:, None, :] & (torch.arange(total, device=x.device)[None, :] <= total - t +
+                                       torch.arange(t, device=x.device)[:, None])[None]  # fmt: skip
+        kv_of = torch.arange(n_heads, device=x.device) // attn.num_key_value_groups
+        kr, vr = k[:, kv_of], v[:, kv_of]  # [B, heads, K, d]
+        scores = torch.matmul(q, kr.transpose(-1, -2)) * attn.scaling
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        dropped = ~plan.visual_heads.to(x.device)
+        zero = dropped[None, :, None, None] & key_visual[:, None, None, :]
+        p = p.masked_fill(zero, 0.0)
+        o = torch.matmul(p, vr).transpose(1, 2).reshape(b, t, -1)
+        hidden = hidden + attn.o_proj(o)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     # -- attention rows for selection rules -----------------------------------------------------------
     @torch.no_grad()
@@ -457,3 +760,20 @@ class QwenTokenReduction:
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return torch.where((queries >= 0)[:, None, :, None], probs, torch.zeros_like(probs))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of queries ``q`` ``[h, r, d]`` over ``k``/``v`` ``[h, n, d]`` where ``allowed`` ``[r, n]``."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=allowed[None, None], scale=scale)[0]
+
+
+def _zeroed_visual_keys(q, k, v, allowed, key_visual, scale: float) -> torch.Tensor:
+    """Like :func:`_sdpa`, but the probabilities toward visual keys are set to zero after the softmax, without
+    renormalising (the released YOPO code's head mask, applied to every query of a dropped head)."""
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p.masked_fill(key_visual[None, None, :], 0.0), v)
+
+
+def _grab_input(store: dict, module: nn.Module, args: tuple) -> None:
+    store["x"] = args[0].detach()

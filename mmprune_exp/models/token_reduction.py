@@ -9,6 +9,13 @@ rebuilds the attention masks for each cache layout, optionally compresses the ca
 keeps generation consistent afterwards (decode positions continue at the original maximum position + 1). What it
 measured for each sample is left in :class:`TokenRecord` rows.
 
+Besides dropping tokens, a pruner may change what each decoder layer *computes* for the visual tokens it keeps
+(YOPO): a :class:`LayerPlan` per layer asks for neighbour-only visual-to-visual attention, a subset of attention
+heads for visual queries, a subset of MLP neurons for visual tokens, or just observes the layer (calibration
+statistics). The adapter computes only what is asked for (the skipped heads and neurons are not computed, not
+masked) and records each layer's work as a :class:`LayerWork`, from which the analytic FLOPs follow
+(:meth:`DecoderShape.work_flops`). A layer without a plan, or whose plan changes nothing, is the stock layer call.
+
 Layouts: a batch is left-padded. After a reduction each sample keeps a different number of slots, so the new
 sequence is left-padded again to the longest; ``origin[b, j]`` is the index in the original (processor) sequence
 of slot ``j`` (``-1`` for a padding slot). Selections name slots of the *current* layout.
@@ -75,7 +82,7 @@ class ReductionPoint:
 class ReductionContext:
     """What a selection rule may read at a reduction point (one batch, current layout)."""
 
-    point: ReductionPoint
+    point: ReductionPoint | None  # None in a LayerObservation (a probe, not a reduction point)
     hidden: torch.Tensor  # [B, S, D] the sequence entering layer ``after_layer + 1``
     layer_input: torch.Tensor | None  # [B, S, D] what layer ``after_layer`` received (None before the LLM)
     position_ids: torch.Tensor  # [3, B, S] original M-RoPE positions of the current slots
@@ -113,6 +120,73 @@ class ReductionContext:
 
 
 @dataclass
+class LayerObservation(ReductionContext):
+    """What a :attr:`LayerPlan.probe` sees of decoder layer ``layer`` at prefill (``point`` is None).
+
+    ``hidden`` and ``layer_input`` are the layer's input and ``attention`` is this layer's; ``output`` is what the
+    layer returned; ``mlp_activations`` ``[B, S, m]`` is the input of its MLP down projection (``act(gate)·up``),
+    only when the plan set ``probe_mlp``.
+    """
+
+    layer: int = 0
+    output: torch.Tensor | None = None
+    mlp_activations: torch.Tensor | None = None
+
+
+@dataclass
+class LayerPlan:
+    """What one decoder layer computes for the visual tokens during prefill (every field at its default: stock).
+
+    - ``visual_window`` (w): a visual query attends to the visual keys of its own image/video within
+      ``(w-1)//2`` cells on every grid axis (t, h, w), in both directions (YOPO's local mask replaces the causal
+      visual block), and to the text keys before it as usual; other visual keys are not computed.
+      ``visual_window_causal`` keeps the causal order inside the window (only the neighbours before the query).
+    - ``visual_heads`` ``[heads]`` bool: the attention heads visual queries are computed in; in the others a
+      visual token's attention output is zero (its query, scores, weighted values and output-projection columns
+      are skipped). Text queries keep every head.
+    - ``zero_visual_keys``: also, in the heads not in ``visual_heads``, every query's probabilities toward visual
+      keys are set to zero after the softmax, without renormalising, at prefill and at every decode step (what
+      the released YOPO code simulates for all queries).
+    - ``visual_neurons`` ``[m']`` long: the MLP neurons (rows of gate/up, columns of down) computed for visual
+      tokens; the others contribute nothing to them. Text tokens use every neuron.
+    - ``probe``: called after the layer with a :class:`LayerObservation` (statistics; the computation is
+      unchanged); ``probe_mlp`` also captures the MLP activations for it.
+    """
+
+    visual_window: int | None = None
+    visual_window_causal: bool = False
+    visual_heads: torch.Tensor | None = None
+    zero_visual_keys: bool = False
+    visual_neurons: torch.Tensor | None = None
+    probe: Callable[[LayerObservation], None] | None = None
+    probe_mlp: bool = False
+
+    @property
+    def changes_compute(self) -> bool:
+        return self.visual_window is not None or self.visual_heads is not None or self.visual_neurons is not None
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What one decoder layer computed for one sample at prefill (the analytic FLOPs' input).
+
+    ``tokens`` slots, ``visual`` of them visual tokens. For the visual queries: ``visual_head_share`` of the
+    heads, ``visual_keys`` keys per query on average (None: all ``tokens``, the stock full-square count);
+    ``visual_neuron_share`` of the MLP neurons for visual tokens.
+    """
+
+    tokens: int
+    visual: int = 0
+    visual_head_share: float = 1.0
+    visual_keys: float | None = None
+    visual_neuron_share: float = 1.0
+
+    @property
+    def stock(self) -> bool:
+        return self.visual_head_share == 1.0 and self.visual_keys is None and self.visual_neuron_share == 1.0
+
+
+@dataclass
 class TokenRecord:
     """What one sample's prefill did (filled by the adapter's mechanism)."""
 
@@ -120,6 +194,7 @@ class TokenRecord:
     visual_kept: int = 0
     tokens_before: int = 0  # prompt tokens (valid, no padding)
     tokens_per_layer: list[int] = field(default_factory=list)  # tokens each decoder layer computed on
+    layer_work: list[LayerWork] = field(default_factory=list)  # per decoder layer: what it computed
     kept_by_point: dict[str, list[int]] = field(default_factory=dict)  # point name -> original indices kept there
     kv_cache_tokens: int = 0  # prompt entries summed over layers' caches after prefill
     items: list[VisualItem] = field(default_factory=list)
@@ -145,6 +220,29 @@ class DecoderShape:
         ``4nd² + 2n²d + 2ndm`` counts it), gated MLP ``2·3ndm``."""
         d = self.hidden
         return 4 * n * d * d + 4 * n * d * self.kv_dim + 4 * n * n * d + 6 * n * d * self.intermediate
+
+    def work_flops(self, work: LayerWork) -> float:
+        """Prefill FLOPs of one layer that computed ``work``: :meth:`layer_flops` with the visual queries' q/o
+        projections, scores and weighted values in ``visual_head_share`` of the heads over ``visual_keys`` keys,
+        and their MLP in ``visual_neuron_share`` of the neurons (k/v projections are computed for every token:
+        text queries read the visual keys). Equals ``layer_flops(tokens)`` for stock work."""
+        if work.stock or work.visual == 0:
+            return float(self.layer_flops(work.tokens))
+        n, v = work.tokens, work.visual
+        return 4 * n * self.hidden * self.kv_dim + self._query_side(n - v, n) + self._query_side(v, n, work)
+
+    def visual_flops(self, work: LayerWork) -> float:
+        """The part of :meth:`work_flops` spent on visual tokens: their k/v projections, their queries (q/o
+        projections, scores, weighted values) and their MLP (YOPO's "visual computation")."""
+        v = work.visual
+        return 4 * v * self.hidden * self.kv_dim + self._query_side(v, work.tokens, None if work.stock else work)
+
+    def _query_side(self, rows: int, n: int, work: LayerWork | None = None) -> float:
+        d, m = self.hidden, self.intermediate
+        heads = work.visual_head_share if work else 1.0
+        keys = work.visual_keys if work and work.visual_keys is not None else n
+        neurons = work.visual_neuron_share if work else 1.0
+        return rows * (4 * d * d * heads + 4 * d * keys * heads + 6 * d * m * neurons)
 
     def kv_bytes(self, entries: int) -> int:
         """Bytes of ``entries`` cached tokens summed over layers (one key and one value vector each)."""

@@ -17,13 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmprune_exp.config.schema import require
 from mmprune_exp.errors import ConfigError
 from mmprune_exp.models.base import ModelAdapter, Request
-from mmprune_exp.models.token_reduction import DecoderShape, ReductionPoint, TokenRecord
+from mmprune_exp.models.token_reduction import DecoderShape, LayerPlan, LayerWork, ReductionPoint, TokenRecord
 from mmprune_exp.registry import Registry
+
+if TYPE_CHECKING:
+    from mmprune_exp.calibration import CalibrationData
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class TokenPruner:
 
     #: the vision tower's per-token attention statistics are collected during the forward (VisionZip)
     needs_vision_stats = False
+    #: :meth:`prepare` reads the calibration set (the run builds it, as for a calibrated weight pruner)
+    needs_calibration = False
 
     def __init__(self, cfg: TokenPrunerConfig):
         self.cfg = cfg
@@ -70,20 +75,33 @@ class TokenPruner:
         """Where and how this method reduces tokens, for this model (empty: nothing is pruned)."""
         return []
 
+    def layer_plans(self, adapter: ModelAdapter) -> dict[int, LayerPlan]:
+        """What each decoder layer computes for visual tokens (empty: every layer is the stock one)."""
+        return {}
+
+    def prepare(self, adapter: ModelAdapter, calibration: CalibrationData | None, run_dir: Path | None) -> None:
+        """Before the pruned evaluation, on the model it will use (after weight pruning): calibrate what the
+        method needs and write its artifacts to ``run_dir``. Default: nothing to prepare."""
+
     @property
     def active(self) -> bool:
         return self.cfg.name != "none"
 
     @contextmanager
-    def attach(self, adapter: ModelAdapter, out_dir: Path | None = None) -> Iterator[TokenSession | None]:
-        points = self.points(adapter) if self.cfg.keep_ratio < 1.0 or self.always_reduce else []
-        if not points:
+    def attach(self, adapter: ModelAdapter, out_dir: Path | None = None) -> Iterator[TokenSession]:
+        reduce = self.cfg.keep_ratio < 1.0 or self.always_reduce
+        points = self.points(adapter) if reduce else []
+        plans = self.layer_plans(adapter) if reduce else {}
+        stats = self.needs_vision_stats and bool(points)
+        if not points and not plans:
             try:  # nothing to install: a model family without the mechanism is evaluated as is, with no token report
                 adapter.token_reduction([], vision_stats=False)
             except (NotImplementedError, AttributeError):
                 yield None
                 return
-        with adapter.token_reduction(points, vision_stats=self.needs_vision_stats and bool(points)) as mechanism:
+        # Without plans the adapter is called as before plans existed (an adapter may not know them).
+        with (adapter.token_reduction(points, vision_stats=stats, plans=plans) if plans else
+              adapter.token_reduction(points, vision_stats=stats)) as mechanism:  # fmt: skip
             yield TokenSession(mechanism, adapter.decoder_shape(), self.cfg, out_dir)
 
     #: run the points even at keep_ratio 1.0 (the selection then keeps every slot; the exactness tests use it)
@@ -102,13 +120,25 @@ class TokenSession:
 
     def sample_row(self, record: TokenRecord, batch_size: int) -> dict[str, Any]:
         timing = self.mechanism.timing
-        dense = self.shape.layer_flops(record.tokens_before) * self.shape.layers
-        pruned = sum(self.shape.layer_flops(n) for n in record.tokens_per_layer)
-        return {
+        shape = self.shape
+        dense = shape.layer_flops(record.tokens_before) * shape.layers
+        if record.layer_work:  # what each layer computed: fewer tokens, and fewer heads/keys/neurons for visual ones
+            pruned = sum(shape.work_flops(w) for w in record.layer_work)
+            visual = sum(shape.visual_flops(w) for w in record.layer_work)
+        else:
+            pruned = sum(shape.layer_flops(n) for n in record.tokens_per_layer)
+            visual = None
+        dense_visual = shape.visual_flops(LayerWork(record.tokens_before, record.visual_before)) * shape.layers
+        row = {
             "visual_before": record.visual_before,
             "visual_kept": record.visual_kept,
             "kept_ratio": record.kept_ratio,
             "flops_ratio": pruned / dense if dense else 1.0,
+        }
+        if visual is not None:
+            # YOPO's measure: the prefill FLOPs spent on visual tokens (their k/v, their queries, their MLP)
+            row["visual_flops_ratio"] = visual / dense_visual if dense_visual else 1.0
+        return row | {
             # the batch's wall time shared equally by its samples (one forward serves them all)
             "vision_s": timing.get("vision_s", 0.0) / batch_size,
             "prefill_s": timing["prefill_s"] / batch_size,
