@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -38,6 +39,33 @@ class ShapesVQA(Benchmark):
         metrics |= {f"accuracy_{kind}": _mean(v) for kind, v in sorted(by_kind.items())}
         metrics["unparsed"] = float(sum(r["parsed"] is None for r in rows))
         return metrics
+
+
+@register_benchmark("shapes_video")
+class ShapesVideo(ShapesVQA):
+    """Questions on held-out 8-frame clips of moving and static shapes (``scenes.video_items``; kinds
+    ``scenes.VIDEO_KINDS``). Exact-match accuracy, overall and per kind, as shapes_vqa; an answer naming an
+    object ("red circle") must match in all its words.
+
+    The clips go to the model as frame lists and take the same qwen-vl-utils path as a video file (see
+    ``models.vision_inputs``), sampled at 2 fps.
+    """
+
+    def load_records(self, limit: int | None) -> list[Record]:
+        items = scenes.video_items(self.cfg.split, limit or FULL_SIZE)
+        return [
+            Record(it.id, Request(it.question, videos=[it.frames]), it.answer, {"kind": it.kind, "question": it.question})
+            for it in items
+        ]
+
+    def score(self, record: Record, response: str) -> dict[str, Any]:
+        n_words = len(record.target.split())
+        if n_words == 1:
+            return super().score(record, response)
+        # "Which shape moves?" is answered with colour and shape: compare that many leading words.
+        words = re.findall(r"[a-z]+", normalize_text(response))
+        parsed = " ".join(words[:n_words]) if len(words) >= n_words else None
+        return {"parsed": parsed, "score": float(parsed == normalize_text(record.target))}
 
 
 @register_benchmark("shapes_grounding")
