@@ -131,9 +131,11 @@ def test_resume_from_every_kind_of_stop(where, random_tiny_dir, calibration, uni
     assert calls == expected
 
 
-def test_streamed_run_resumes_from_the_layers_it_already_wrote(random_tiny_dir, calibration, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_after", [1, 3], ids=["mid_prune", "after_last_layer"])
+def test_streamed_run_resumes_from_the_layers_it_already_wrote(stop_after, random_tiny_dir, calibration, tmp_path,
+                                                               monkeypatch):  # fmt: skip
     """model.offload=disk: the checkpoint points at pruned_model/'s layer files; the resumed run's output folder
-    equals an uninterrupted streamed run's."""
+    equals an uninterrupted streamed run's (also when every layer was done and only the folder's rest is written)."""
     cfg = CONFIGS["owl"]
 
     def streamed(out, checkpoint):
@@ -147,7 +149,7 @@ def test_streamed_run_resumes_from_the_layers_it_already_wrote(random_tiny_dir, 
 
     reference = streamed(tmp_path / "reference", None)
     with monkeypatch.context() as m:
-        _stop_at(m, 1, before=False)
+        _stop_at(m, stop_after, before=False)
         with pytest.raises(Interrupted):
             streamed(tmp_path / "pruned", PruneCheckpoint(tmp_path / "ckpt", layer_dir=tmp_path / "pruned"))
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["state.pt"]  # no second copy of the layers
