@@ -132,6 +132,7 @@ def measure(adapter, pruner, request, new_tokens: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    from mmprune_exp.calibration import CalibrationData
     from mmprune_exp.config.schema import SCHEMAS, register_configs
     from mmprune_exp.token_pruners import TOKEN_PRUNERS, build_token_pruner
 
@@ -160,8 +161,11 @@ def main() -> None:
         for method in methods:
             schema = SCHEMAS["token_pruner"][method]
             for keep in (k for k in args.keep if k < 1.0):
-                r = measure(adapter, build_token_pruner(schema(name=method, keep_ratio=keep)), request,
-                            args.new_tokens, args.repeats)  # fmt: skip
+                pruner = build_token_pruner(schema(name=method, keep_ratio=keep))
+                if pruner.needs_calibration:  # YOPO's head mask: calibrated on the measured input itself (its
+                    # statistics do not change the FLOPs or the speed, only which heads are kept)
+                    pruner.prepare(adapter, CalibrationData("bench", [request], max_length=1 << 20), None)
+                r = measure(adapter, pruner, request, args.new_tokens, args.repeats)
                 speedup = dense["prefill_s"] / r["prefill_s"]
                 rows.append({"input": kind, "method": method, "keep_ratio": keep, **r, "prefill_speedup": speedup,
                              "speedup_vs_analytic": speedup * r["flops_ratio"]})  # fmt: skip

@@ -586,12 +586,11 @@ class QwenTokenReduction:
                 else:
                     q = F.linear(x[bi, v_rows], self._slice(i, layer, plan, "q_w"), self._slice(i, layer, plan, "q_b"))
                 q = self._rope(q.view(-1, kept.numel(), hd).transpose(0, 1), cos[bi, v_rows], sin[bi, v_rows])
-                kk, vv = kb[kv_of[kept]], vb[kv_of[kept]]
                 if plan.visual_window is None:
-                    o = _sdpa(q, kk, vv, slots[None, :] <= v_rows[:, None], attn.scaling)
+                    o = _sdpa(q, kb[kv_of[kept]], vb[kv_of[kept]], slots[None, :] <= v_rows[:, None], attn.scaling)
                 else:
-                    o, keys = self._window_attention(q, kk, vv, slots, key_visual, v_rows, cur, items, bi, plan,
-                                                     attn.scaling)  # fmt: skip
+                    o, keys = self._window_attention(q, kb, vb, kv_of[kept], slots, key_visual, v_rows, cur, items,
+                                                     bi, plan, attn.scaling)  # fmt: skip
                 o = o.transpose(0, 1).reshape(v_rows.numel(), -1)
                 if plan.visual_heads is None:
                     attn_out[bi, v_rows] = attn.o_proj(o)
@@ -623,29 +622,33 @@ class QwenTokenReduction:
                                            self._slice(i, layer, plan, "down_proj_b"))  # fmt: skip
         return hidden + mlp_out, works
 
-    def _window_attention(self, q, k, v, slots, key_visual, v_rows, cur: _Layout, items, bi: int, plan: LayerPlan,
-                          scale: float) -> tuple[torch.Tensor, float]:  # fmt: skip
-        """Visual queries ``q`` ``[h, nv, d]`` over the text keys before them and the visual keys of their window
-        (``k``/``v`` ``[h, n, d]``: the sample's real slots ``slots``). Returns ``[h, nv, d]`` and the mean number
-        of keys per query the window needs (all text keys + its in-grid neighbours, the full-square count)."""
+    def _window_attention(self, q, k, v, kv_heads, slots, key_visual, v_rows, cur: _Layout, items, bi: int,
+                          plan: LayerPlan, scale: float) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """Visual queries ``q`` ``[h, nv, d]`` over the text keys before them and the visual keys of their window;
+        ``k``/``v`` ``[kv, n, d]`` are the sample's real slots ``slots`` per KV head and ``kv_heads`` ``[h]`` the KV
+        head each query head reads. Returns ``[h, nv, d]`` and the mean number of keys per query the window needs
+        (all text keys + its in-grid neighbours, the full-square count)."""
         nbr, ok, neighbours = self._neighbour_keys(cur, items, bi, plan, slots, v_rows)  # [nv, W] each
         text_pos = torch.nonzero(~key_visual).flatten()
-        kt, vt = k[:, text_pos], v[:, text_pos]
         text_ok = slots[text_pos][None, :] <= v_rows[:, None]  # [nv, nt] causal
         out = torch.empty_like(q)
-        # Gathered neighbour keys are [h, rows, W, d]: a chunk of query rows at a time bounds that memory.
-        chunk = max(1, (1 << 24) // max(1, q.shape[0] * nbr.shape[1] * q.shape[-1]))
-        for c in range(0, q.shape[1], chunk):
-            qc = q[:, c : c + chunk]
-            idx, okc = nbr[c : c + chunk], ok[c : c + chunk]
-            kn, vn = k[:, idx], v[:, idx]  # [h, rows, W, d]
-            st = torch.matmul(qc, kt.transpose(-1, -2)) * scale
-            sn = torch.einsum("hqd,hqwd->hqw", qc, kn) * scale
-            st = st.masked_fill(~text_ok[c : c + chunk], float("-inf"))
-            sn = sn.masked_fill(~okc, float("-inf"))
-            p = torch.softmax(torch.cat([st, sn], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
-            pt, pn = p[..., : kt.shape[1]], p[..., kt.shape[1] :]
-            out[:, c : c + chunk] = torch.matmul(pt, vt) + torch.einsum("hqw,hqwd->hqd", pn, vn)
+        # Neighbour keys are gathered once per KV head (not per query head: GQA shares them) as [rows, W, d]; a
+        # chunk of query rows at a time bounds that memory.
+        chunk = max(1, (1 << 24) // max(1, nbr.shape[1] * q.shape[-1]))
+        for g in torch.unique(kv_heads).tolist():
+            heads = torch.nonzero(kv_heads == g).flatten()
+            kt, vt = k[g, text_pos], v[g, text_pos]  # [nt, d]
+            for c in range(0, q.shape[1], chunk):
+                qc = q[heads, c : c + chunk]  # [hg, rows, d]
+                idx, okc = nbr[c : c + chunk], ok[c : c + chunk]
+                kn, vn = k[g][idx], v[g][idx]  # [rows, W, d]
+                st = torch.matmul(qc, kt.T) * scale
+                sn = torch.einsum("hqd,qwd->hqw", qc, kn) * scale
+                st = st.masked_fill(~text_ok[c : c + chunk], float("-inf"))
+                sn = sn.masked_fill(~okc, float("-inf"))
+                p = torch.softmax(torch.cat([st, sn], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+                pt, pn = p[..., : kt.shape[0]], p[..., kt.shape[0] :]
+                out[heads, c : c + chunk] = torch.matmul(pt, vt) + torch.einsum("hqw,qwd->hqd", pn, vn)
         return out, float(text_pos.numel()) + neighbours
 
     def _neighbour_keys(self, cur: _Layout, items, bi: int, plan: LayerPlan, slots: torch.Tensor,

@@ -13,24 +13,25 @@ Four strategies, each switchable and each with its own budget (reference/token_p
    from a head mask calibrated on the calibration set (:func:`calibrate`): per sample, layer and head the share
    ``r = Σ attention to visual keys / Σ attention to the other keys`` over every query row (the reference's
    ``gen_mask_llava.py`` ratio); each sample votes for the heads with ``r > head_threshold`` (the reference's
-   rule) or, by default, for its ``head_keep`` share of heads with the highest ``r`` in each layer (a per-layer
-   budget); a head is kept when more than ``head_vote`` of the samples vote for it (threshold rule), or the
-   budget's heads with the most votes are kept (budget rule: exactly that many per layer, ties by mean ``r``).
-   Layers before ``head_first_layer`` (2, the reference's) keep every head. The mask is written to
-   ``<run dir>/yopo_head_mask.pt`` (+ ``.json``) and reused with ``token_pruner.head_mask=PATH``.
+   rule) or, by default, for its ``head_keep`` share (default: ``keep_ratio``) of heads with the highest ``r`` in
+   each layer (a per-layer budget); a head is kept when more than ``head_vote`` of the samples vote for it
+   (threshold rule), or the budget's heads with the most votes are kept (budget rule: exactly that many per layer,
+   ties by mean ``r``). Layers before ``head_first_layer`` (2, the reference's) keep every head. The mask is
+   written to ``<run dir>/yopo_head_mask.pt`` (+ ``.json``) and reused with ``token_pruner.head_mask=PATH``.
    ``head_scope``: ``visual_queries`` (default) skips a dropped head's computation for visual queries only, so
    the text queries of that layer are computed as before; ``reference`` also zeroes, in dropped heads, every
    text query's probabilities toward visual keys after the softmax without renormalising, at prefill and at
    decode: what the released LLaVA code does (its Qwen2-VL file zeroes those probabilities for every query but
    does not zero the visual rows' outputs).
-3. **Sparse visual FFN** (``ffn``, ``ffn_keep``): visual tokens use ``int(m·ffn_keep)`` of the MLP's m neurons
-   (the reference's ``mlpcut_ratio=2`` is ``ffn_keep=0.5``). ``ffn_rank=activation`` (default) keeps, per layer,
-   the neurons with the largest ``mean|a_j| · ||W_down[:, j]||`` over the calibration set's visual tokens, where
-   ``a_j = act(gate_j)·up_j``: neuron j adds ``a_j·W_down[:, j]`` to a visual token, so this is the mean size of
-   what skipping it removes, and the neurons whose removal disturbs visual hidden states least go first (Wanda's
-   weight-times-activation idea at neuron granularity). ``ffn_rank=index`` keeps the first ones, as the
-   reference does (there a fine-tuning adapts the model to that choice; training-free it is an arbitrary
-   subset). The ranking is written to ``<run dir>/yopo_ffn_rank.pt`` and reused with ``ffn_rank_file=PATH``.
+3. **Sparse visual FFN** (``ffn``, ``ffn_keep``, default ``keep_ratio``): visual tokens use ``int(m·ffn_keep)``
+   of the MLP's m neurons (the reference's ``mlpcut_ratio=2`` is ``ffn_keep=0.5``). ``ffn_rank=activation``
+   (default) keeps, per layer, the neurons with the largest ``mean|a_j| · ||W_down[:, j]||`` over the calibration
+   set's visual tokens, where ``a_j = act(gate_j)·up_j``: neuron j adds ``a_j·W_down[:, j]`` to a visual token, so
+   this is the mean size of what skipping it removes, and the neurons whose removal disturbs visual hidden states
+   least go first (Wanda's weight-times-activation idea at neuron granularity). ``ffn_rank=index`` keeps the first
+   ones, as the reference does (there a fine-tuning adapts the model to that choice; training-free it is an
+   arbitrary subset). The ranking is written to ``<run dir>/yopo_ffn_rank.pt`` and reused with
+   ``ffn_rank_file=PATH``.
 4. **Visual-token drop in the last L layers** (``layer_drop``, ``drop_layers`` L): the visual tokens leave the
    sequence before layer ``n-L`` (a reduction point that keeps only text); the reference masks every query's
    attention to visual keys there instead (Qwen2-VL: layers 24..27 of 28; ``drop_layers: null`` takes the same
@@ -39,8 +40,10 @@ Four strategies, each switchable and each with its own budget (reference/token_p
 Strategies 1-3 are layer plans carried out by the adapter's mechanism: the skipped heads, keys and neurons are not
 computed (the released code only masks, with no saving); their FLOPs reach the token report through the per-layer
 work records (``flops_ratio``, and ``visual_flops_ratio``: the FLOPs spent on visual tokens, YOPO's measure).
-Every strategy off is the stock model. ``keep_ratio`` is not YOPO's budget (it keeps every visual token where it
-computes at all) and must stay 1.0.
+``keep_ratio``, the one budget every token pruner sweeps, is here the share of heads (``head_keep``) and of MLP
+neurons (``ffn_keep``) that visual tokens keep wherever those two are not set themselves; YOPO keeps every visual
+token until the last layers. As for every token pruner, ``keep_ratio=1.0`` is the stock model (every strategy off),
+and so is every strategy switched off.
 """
 
 from __future__ import annotations
@@ -74,14 +77,14 @@ REFERENCE_DROP_FRACTION = 4 / 28
 @dataclass
 class YopoConfig(TokenPrunerConfig):
     name: str = "yopo"
-    keep_ratio: float = 1.0
+    keep_ratio: float = 0.5  # 1.0: the stock model; otherwise the default of head_keep and ffn_keep
     # (1) neighbour-only visual-to-visual attention
     window: bool = False
     window_size: int = 5
     window_causal: bool = False
     # (2) visual attention heads from a calibrated head mask
     heads: bool = True
-    head_keep: float = 0.5  # per-layer budget: share of heads each sample votes for (used when no threshold)
+    head_keep: float | None = None  # per-layer budget: share of heads each sample votes for (null: keep_ratio)
     head_threshold: float | None = None  # threshold rule: a sample votes for the heads with r > threshold
     head_vote: float = 0.5  # threshold rule: kept when more than this share of the samples vote for it
     head_first_layer: int = 2
@@ -89,7 +92,7 @@ class YopoConfig(TokenPrunerConfig):
     head_mask: str | None = None  # a saved head mask to reuse instead of calibrating
     # (3) sparse visual FFN
     ffn: bool = False
-    ffn_keep: float = 0.5
+    ffn_keep: float | None = None  # share of MLP neurons for visual tokens (null: keep_ratio)
     ffn_rank: str = "activation"  # activation | index
     ffn_rank_file: str | None = None
     # (4) visual tokens leave the last L layers
@@ -98,19 +101,27 @@ class YopoConfig(TokenPrunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.keep_ratio == 1.0, "keep_ratio", "YOPO keeps every visual token; its budgets are window_size, "
-                f"head_keep/head_threshold, ffn_keep and drop_layers (got keep_ratio={self.keep_ratio})")  # fmt: skip
         require(self.window_size >= 1, "window_size", f"must be >= 1, got {self.window_size}")
-        require(0.0 <= self.head_keep <= 1.0, "head_keep", f"must be in [0, 1], got {self.head_keep}")
+        require(self.head_keep is None or 0.0 <= self.head_keep <= 1.0, "head_keep",
+                f"must be in [0, 1], got {self.head_keep}")  # fmt: skip
         require(self.head_threshold is None or self.head_threshold >= 0, "head_threshold",
                 f"must be >= 0, got {self.head_threshold}")  # fmt: skip
         require(0.0 <= self.head_vote < 1.0, "head_vote", f"must be in [0, 1), got {self.head_vote}")
         require(self.head_first_layer >= 0, "head_first_layer", f"must be >= 0, got {self.head_first_layer}")
         require(self.head_scope in ("visual_queries", "reference"), "head_scope",
                 f"got {self.head_scope!r}; use visual_queries or reference")  # fmt: skip
-        require(0.0 < self.ffn_keep <= 1.0, "ffn_keep", f"must be in (0, 1], got {self.ffn_keep}")
+        require(self.ffn_keep is None or 0.0 < self.ffn_keep <= 1.0, "ffn_keep",
+                f"must be in (0, 1], got {self.ffn_keep}")  # fmt: skip
         require(self.ffn_rank in ("activation", "index"), "ffn_rank", f"got {self.ffn_rank!r}; use activation or index")
         require(self.drop_layers is None or self.drop_layers >= 1, "drop_layers", f"must be >= 1, got {self.drop_layers}")
+
+    @property
+    def head_share(self) -> float:
+        return self.keep_ratio if self.head_keep is None else self.head_keep
+
+    @property
+    def neuron_share(self) -> float:
+        return self.keep_ratio if self.ffn_keep is None else self.ffn_keep
 
 
 # -- calibration -------------------------------------------------------------------------------------
@@ -185,7 +196,7 @@ def head_mask_from_ratios(ratios: torch.Tensor, cfg: YopoConfig) -> tuple[torch.
         votes = (ratios > cfg.head_threshold).sum(0)
         mask = votes > cfg.head_vote * n
     else:
-        k = round(cfg.head_keep * heads)
+        k = round(cfg.head_share * heads)
         top = torch.topk(ratios, k, dim=-1).indices if k else torch.empty(n, layers, 0, dtype=torch.long)
         votes = torch.zeros(n, layers, heads, dtype=torch.long).scatter_(-1, top, 1).sum(0)
         mean = ratios.mean(0)
@@ -250,7 +261,6 @@ def keep_text_only(ctx: ReductionContext) -> Selection:
 
 @register_token_pruner("yopo", schema=YopoConfig)
 class Yopo(TokenPruner):
-    always_reduce = True  # keep_ratio is always 1.0: the strategies' own switches decide
 
     def __init__(self, cfg: YopoConfig):
         super().__init__(cfg)
@@ -260,6 +270,8 @@ class Yopo(TokenPruner):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         cfg: YopoConfig = self.cfg
+        if cfg.keep_ratio == 1.0:  # the stock model: nothing to calibrate
+            return False
         return (cfg.heads and cfg.head_mask is None) or (
             cfg.ffn and cfg.ffn_rank == "activation" and cfg.ffn_rank_file is None
         )
@@ -288,7 +300,7 @@ class Yopo(TokenPruner):
                               "or call prepare() with a calibration set first")  # fmt: skip
         neurons = None
         if cfg.ffn:
-            keep = max(1, int(shape.intermediate * cfg.ffn_keep))  # the reference's int(m / mlpcut_ratio)
+            keep = max(1, int(shape.intermediate * cfg.neuron_share))  # the reference's int(m / mlpcut_ratio)
             if cfg.ffn_rank == "index":
                 neurons = torch.arange(keep).expand(shape.layers, keep)
             else:
@@ -328,6 +340,8 @@ class Yopo(TokenPruner):
         """Load the given head mask / neuron ranking, calibrate what is missing on ``calibration``, and write both
         to ``run_dir`` (``yopo_head_mask.pt`` + ``.json``, ``yopo_ffn_rank.pt``)."""
         cfg: YopoConfig = self.cfg
+        if cfg.keep_ratio == 1.0:  # the stock model is evaluated: nothing to prepare
+            return
         self._load_given(adapter)
         want_heads = cfg.heads and self.head_mask is None
         want_mlp = cfg.ffn and cfg.ffn_rank == "activation" and self.neuron_importance is None
@@ -356,7 +370,7 @@ class Yopo(TokenPruner):
             return
         cfg: YopoConfig = self.cfg
         rule = {"head_threshold": cfg.head_threshold, "head_vote": cfg.head_vote} if cfg.head_threshold is not None \
-            else {"head_keep": cfg.head_keep}  # fmt: skip
+            else {"head_keep": cfg.head_share}  # fmt: skip
         rule["head_first_layer"] = cfg.head_first_layer
         data: dict[str, Any] = {"mask": self.head_mask, "rule": rule, **meta}
         if ratios is not None:

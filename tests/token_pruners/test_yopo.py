@@ -161,8 +161,12 @@ def test_every_strategy_off_reproduces_the_dense_model_exactly(attn):
     stock_text = adapter.generate(reqs, 6)
     every_head = build_token_pruner(YopoConfig(layer_drop=False))
     every_head.head_mask = torch.ones(4, 4, dtype=torch.bool)  # heads on, but the mask keeps them all
-    for pruner in (build_token_pruner(YopoConfig(**OFF)), every_head):
-        assert pruner.layer_plans(adapter) == {} and pruner.points(adapter) == []
+    # keep_ratio 1.0 is the stock model whatever is switched on (the convention of every token pruner)
+    keep_all = build_token_pruner(YopoConfig(keep_ratio=1.0, window=True, ffn=True))
+    assert not keep_all.needs_calibration
+    for pruner in (build_token_pruner(YopoConfig(**OFF)), every_head, keep_all):
+        if pruner is not keep_all:
+            assert pruner.layer_plans(adapter) == {} and pruner.points(adapter) == []
         pruned, _, _ = prompt_logits(adapter, reqs, pruner)
         assert_valid_logits_equal(dense, pruned, valid)  # the stock layer calls: bitwise, not approximately
         with pruner.attach(adapter) as session:
@@ -201,7 +205,7 @@ def test_the_head_mask_is_deterministic_for_a_calibration_set_and_save_then_load
     summary = json.loads((run_dir / HEAD_MASK_FILE).with_suffix(".json").read_text())
     assert summary["samples"] == 8 and summary["kept_per_layer"] == first.head_mask.sum(1).tolist()
     # the default rule: layers 0-1 keep every head, later layers exactly round(0.5 * 4) of them
-    assert first.head_mask.sum(1).tolist() == [4, 4, 2, 2]
+    assert first.head_mask.sum(1).tolist() == [4, 4, 2, 2]  # keep_ratio 0.5 -> head_keep 0.5
 
     reused = build_token_pruner(YopoConfig(head_mask=str(run_dir / HEAD_MASK_FILE), layer_drop=False))
     assert not reused.needs_calibration
@@ -257,8 +261,19 @@ def test_prepare_needs_a_calibration_set_only_for_what_it_calibrates(adapter):
         build_token_pruner(YopoConfig()).prepare(adapter, None, None)
     with pytest.raises(ConfigError, match="head mask"):
         build_token_pruner(YopoConfig()).layer_plans(adapter)
-    with pytest.raises(ValueError, match="keep_ratio"):  # the schema's field error (run.py reports it by key)
-        YopoConfig(keep_ratio=0.5)
+    with pytest.raises(ValueError, match="head_keep"):  # the schema's field error (run.py reports it by key)
+        YopoConfig(head_keep=1.5)
+
+
+def test_keep_ratio_is_the_share_of_heads_and_neurons_unless_they_are_set(adapter):
+    ratios = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert head_mask_from_ratios(ratios, YopoConfig(keep_ratio=0.25))[0][2:].sum(1).tolist() == [1, 1]
+    assert head_mask_from_ratios(ratios, YopoConfig(keep_ratio=0.25, head_keep=0.75))[0][2:].sum(1).tolist() == [3, 3]
+    plans = build_token_pruner(YopoConfig(keep_ratio=0.25, heads=False, ffn=True, ffn_rank="index")).layer_plans(adapter)
+    assert plans[0].visual_neurons.numel() == 128  # int(512 * 0.25)
+    plans = build_token_pruner(YopoConfig(keep_ratio=0.25, heads=False, ffn=True, ffn_rank="index",
+                                          ffn_keep=0.5)).layer_plans(adapter)  # fmt: skip
+    assert plans[0].visual_neurons.numel() == 256
 
 
 # -- each strategy changes only what it claims, as the reference computes it ---------------------------------
@@ -478,7 +493,7 @@ def test_a_pruned_generation_runs_and_decoding_with_the_cache_equals_recomputing
 # -- configuration and run.py ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,key", [("token_pruner.keep_ratio=0.5", "keep_ratio"),
+@pytest.mark.parametrize("override,key", [("token_pruner.head_keep=1.5", "head_keep"),
                                           ("token_pruner.head_scope=all", "head_scope"),
                                           ("token_pruner.ffn_rank=random", "ffn_rank"),
                                           ("token_pruner.drop_layers=0", "drop_layers")])  # fmt: skip
