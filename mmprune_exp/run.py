@@ -380,6 +380,9 @@ def run(cfg: DictConfig) -> float:
         except SystemExit as stop:
             # sys.exit() inside a stage: submitit's handler of SLURM's SIGUSR2 (time limit near, or preemption)
             # exits this way right after it requeued the job. The requeued job runs this config in this directory.
+            # SLURM cancels the steps of a job it requeues (SIGTERM, right then): that must not cut this cleanup
+            # short with an Interrupted raised in the middle of the log call or the W&B finish below.
+            _ignore_signals_while_exiting()
             exit_code = stop.code if isinstance(stop.code, int) and stop.code else 1
             log.error("stopped by sys.exit(%s) (submitit does this after requeueing the job); pruned layers and "
                       "samples written so far are kept in %s for the next attempt", stop.code, job.run_dir)  # fmt: skip
@@ -390,6 +393,21 @@ def run(cfg: DictConfig) -> float:
         finally:
             if job.tracker is not None:
                 job.tracker.finish(exit_code)
+
+
+def _ignore_signals_while_exiting() -> None:
+    """SIGTERM/SIGINT from here on are logged, not raised (``signals_as_exceptions`` restores the handlers)."""
+    import signal
+    import threading
+
+    from mmprune_exp.interrupts import HANDLED
+
+    def note(signum, frame):
+        log.warning("%s while exiting; still finishing up", signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for signum in HANDLED:
+            signal.signal(signum, note)
 
 
 @hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")

@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from mmprune_exp.errors import ConfigError
@@ -218,3 +220,32 @@ def test_submitit_requeue_resumes_the_pruning_in_the_same_job_directory(tmp_path
     # the requeued attempt continued the first attempt's W&B run
     wandb = offline_run(run_dir)
     assert wandb.run_id == results["wandb_run_id"] and wandb.exit_code == 0
+
+
+def test_a_sigterm_during_the_cleanup_after_submitits_exit_does_not_cut_it_short(compose_cfg, tmp_path, monkeypatch):
+    """On SLURM, `scontrol requeue` (submitit's, just before its sys.exit) cancels the job's steps: a SIGTERM lands
+    while run.py finishes the W&B run. Seen on the local cluster: it raised Interrupted in the middle of the
+    cleanup. The cleanup must end, and the task exit with submitit's code."""
+    from mmprune_exp import run as run_module
+    from mmprune_exp.tracking import Tracker
+
+    finished = []
+
+    class SignalledTracker(Tracker):
+        def finish(self, exit_code: int = 0) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM cancelling the requeued job's step
+            time.sleep(0.01)  # the handler runs at the next bytecode: here, inside the cleanup
+            finished.append(exit_code)
+
+    def requeued(job, pruned_dir=None):
+        raise SystemExit(-1)  # what submitit's SIGUSR2 handler does after `scontrol requeue`
+
+    monkeypatch.setattr(run_module, "prepare", lambda cfg: SimpleNamespace(run_dir=tmp_path, tracker=None))
+    monkeypatch.setattr("mmprune_exp.tracking.build_tracker", lambda *a: SignalledTracker())
+    monkeypatch.setattr(run_module, "load", requeued)
+    cfg = compose_cfg(["logger=none", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # outside a Hydra job its runtime values (job number, ...) cannot resolve
+    with pytest.raises(SystemExit) as stop:
+        run_module.run(cfg)
+    assert stop.value.code == -1 and finished == [-1]
