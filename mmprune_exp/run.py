@@ -134,7 +134,7 @@ def prepare(cfg: DictConfig) -> Job:
     pruner = build_pruner(_obj(cfg.pruner), _obj(cfg.sparsity))
     token_pruner = build_token_pruner(_obj(cfg.token_pruner))
     calibration = None
-    if pruner.needs_calibration:
+    if pruner.needs_calibration or token_pruner.needs_calibration:
         with timer("calibration_data"):  # a missing calibration image fails here, in seconds
             calibration = build_calibration(_obj(cfg.calibration))
     return Job(cfg, run_dir, labels, list(hydra_cfg.overrides.task), benchmark, pruner, calibration, token_pruner,
@@ -266,8 +266,13 @@ def report(job: Job, adapter: ModelAdapter) -> SparsityReport:
 
 
 def evaluate_pruned(job: Job, adapter: ModelAdapter) -> EvalResult:
-    """The pruned model (weights and/or tokens): the token pruner is attached for this evaluation only."""
+    """The pruned model (weights and/or tokens): the token pruner is attached for this evaluation only, after it
+    has calibrated what it needs on the model it will prune (YOPO's head mask, written to the run dir)."""
     from mmprune_exp.evaluation import evaluate
+
+    if job.token_pruner.needs_calibration and job.cfg.token_pruner.keep_ratio < 1.0:
+        with job.timer("token_calibration"):
+            job.token_pruner.prepare(adapter, job.calibration, job.run_dir)
 
     with job.timer("eval"), job.token_pruner.attach(adapter, job.run_dir) as tokens:
         result = evaluate(adapter, job.benchmark, job.run_dir / "samples.jsonl",

@@ -51,3 +51,17 @@ def test_a_bad_token_pruner_value_fails_before_loading(tmp_path):
     proc = run_py(tmp_path / "r", "token_pruner=fastv", "token_pruner.keep_ratio=0", "logger=none", check=False)
     assert proc.returncode == 2
     assert "token_pruner.keep_ratio=0" in proc.stderr + proc.stdout
+
+
+def test_yopo_calibrates_its_head_mask_in_the_run_and_reuses_it_by_path(tmp_path):
+    first = tmp_path / "a"
+    run_py(first, "pruner=none", "token_pruner=yopo", "token_pruner.keep_ratio=0.5", "benchmark.limit=8",
+           "logger=none")  # fmt: skip
+    mask = first / "yopo_head_mask.pt"
+    assert mask.exists() and (first / "yopo_head_mask.json").exists()
+    results = json.loads((first / "results.json").read_text())
+    assert results["time_s"]["token_calibration"] > 0 and results["tokens"]["flops_ratio"] < 1.0
+    second = tmp_path / "b"  # the saved mask by path: the same answers
+    run_py(second, "pruner=none", "token_pruner=yopo", "token_pruner.keep_ratio=0.5", f"token_pruner.head_mask={mask}",
+           "benchmark.limit=8", "logger=none")  # fmt: skip
+    assert [r["response"] for r in rows(second)] == [r["response"] for r in rows(first)]
