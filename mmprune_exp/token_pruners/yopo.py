@@ -72,6 +72,8 @@ HEAD_MASK_FILE = "yopo_head_mask.pt"
 FFN_RANK_FILE = "yopo_ffn_rank.pt"
 #: the Qwen2-VL reference cuts visual computation from layer 24 of 28: the last 4/28 of the depth
 REFERENCE_DROP_FRACTION = 4 / 28
+#: calibration computes the attention of this many query rows at a time (memory: heads x rows x sequence)
+QUERY_CHUNK = 512
 
 
 @dataclass
@@ -153,14 +155,14 @@ def calibrate(adapter: ModelAdapter, requests: list[Request], max_length: int, m
 
     def probe(obs: LayerObservation) -> None:
         nonlocal act_sum
-        b, s = obs.attention_mask.shape
-        queries = torch.arange(s, device=obs.hidden.device).expand(b, s)
-        probs = obs.attention(queries, rope=True, causal=True)[0]  # [heads, S, S] fp32, batch of one
-        valid = obs.attention_mask[0].bool()
+        valid = obs.attention_mask[0].bool()  # a batch of one, no padding: every query row is real
         visual = obs.visual[0] & valid
-        rows = probs[:, valid]  # every real query row
-        to_visual = rows[:, :, visual].sum((1, 2)).double()
-        to_other = rows[:, :, valid & ~visual].sum((1, 2)).double()
+        rows = torch.nonzero(valid).flatten()
+        to_visual = to_other = 0.0
+        for c in range(0, rows.numel(), QUERY_CHUNK):  # [heads, chunk, S] at a time, not [heads, S, S]
+            probs = obs.attention(rows[None, c : c + QUERY_CHUNK], rope=True, causal=True)[0]  # fp32
+            to_visual = to_visual + probs[:, :, visual].sum((1, 2)).double()
+            to_other = to_other + probs[:, :, valid & ~visual].sum((1, 2)).double()
         current[obs.layer] = (to_visual / to_other).cpu()
         if mlp:
             a = obs.mlp_activations[0][visual].abs().double().sum(0).cpu()
