@@ -270,7 +270,7 @@ def evaluate_pruned(job: Job, adapter: ModelAdapter) -> EvalResult:
     has calibrated what it needs on the model it will prune (YOPO's head mask, written to the run dir)."""
     from mmprune_exp.evaluation import evaluate
 
-    if job.token_pruner.needs_calibration and job.cfg.token_pruner.keep_ratio < 1.0:
+    if job.token_pruner.needs_calibration:  # also copies a given artifact (e.g. token_pruner.head_mask) to the run dir
         with job.timer("token_calibration"):
             job.token_pruner.prepare(adapter, job.calibration, job.run_dir)
 
