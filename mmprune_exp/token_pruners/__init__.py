@@ -1,6 +1,6 @@
 """Token pruners: registered rules that drop or merge visual tokens during inference (one module each)."""
 
-from mmprune_exp.token_pruners import fastv, none, prunevid, visionzip, yopo  # noqa: F401  (register the token pruners)
+from mmprune_exp.token_pruners import fastv, glimpse, none, prunevid, visionzip, yopo  # noqa: F401  (register the token pruners)
 from mmprune_exp.token_pruners.base import (
     TOKEN_PRUNERS,
     TokenPruner,
