@@ -69,6 +69,9 @@ wandb-sync: install ## Upload the offline W&B runs below SYNC_DIR (outputs): job
 tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~20 min on 2 CPU cores)
 	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
 
+glimpse-model: install ## Train the tiny model's GlimpsePrune module (token_pruner=glimpse) into mmprune_exp/assets/qwen2_5_vl_tiny/glimpse (deterministic)
+	$(PY) -m mmprune_exp.train_glimpse model.device=cpu threads=1 seed=0 $(ARGS)
+
 # Where `make slurm-up` keeps the local cluster's config, state and logs (launchers/slurm_local.sh).
 SLURM_DIR ?= /tmp/mmprune-slurm
 
@@ -83,4 +86,4 @@ clean: ## Remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs/runs outputs/multirun outputs/cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install lock run test test-full lint tiny-model slurm-up slurm-down clean sweep wandb-sync
+.PHONY: help install lock run test test-full lint tiny-model glimpse-model slurm-up slurm-down clean sweep wandb-sync

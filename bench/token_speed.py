@@ -59,6 +59,19 @@ def build(layers: int, device: str, image_px: int, video_px: int, seed: int = 0)
     return Qwen25VLAdapter.from_loaded(model, processor, device)
 
 
+def untrained_glimpse(adapter) -> Path:
+    """A randomly initialised GlimpsePrune module for ``adapter``, saved once per process (speed only)."""
+    import tempfile
+
+    from mmprune_exp.token_pruners.glimpse import GlimpseModule, GlimpseModuleConfig
+
+    if not hasattr(untrained_glimpse, "path"):
+        torch.manual_seed(0)
+        untrained_glimpse.path = GlimpseModule(GlimpseModuleConfig.for_model(adapter)).save(
+            Path(tempfile.mkdtemp(prefix="glimpse-bench-")) / "glimpse")
+    return untrained_glimpse.path
+
+
 def inputs(image_px: int, video_px: int, frames: int = 16):
     from mmprune_exp.models.base import Request
 
@@ -161,7 +174,11 @@ def main() -> None:
         for method in methods:
             schema = SCHEMAS["token_pruner"][method]
             for keep in (k for k in args.keep if k < 1.0):
-                pruner = build_token_pruner(schema(name=method, keep_ratio=keep))
+                extra = {}
+                if method == "glimpse":  # an untrained module (random weights, like the model): at threshold 0 every
+                    # token passes and the cap keeps floor(keep·N), so the budget is the other methods' budget
+                    extra = {"threshold": 0.0, "module": str(untrained_glimpse(adapter))}
+                pruner = build_token_pruner(schema(name=method, keep_ratio=keep, **extra))
                 if pruner.needs_calibration:  # YOPO's head mask: calibrated on the measured input itself (its
                     # statistics do not change the FLOPs or the speed, only which heads are kept)
                     pruner.prepare(adapter, CalibrationData("bench", [request], max_length=1 << 20), None)
