@@ -416,8 +416,14 @@ class GlimpseSelector:
     def point(self) -> ReductionPoint:
         return ReductionPoint(self.module.cfg.layer, self.select, name="glimpse")
 
+    @staticmethod
+    def _has_images(items) -> bool:
+        return any(it.kind == "image" for its in items for it in its)
+
     @torch.no_grad()
     def _probe(self, obs: LayerObservation) -> None:
+        if not self._has_images(obs.items):  # nothing to score (videos are kept): no glimpse path either
+            return
         x = obs.layer_input
         e = self.module.embedding(obs.layer).to(x.dtype)
         g = obs.state.get("glimpse")
@@ -429,6 +435,10 @@ class GlimpseSelector:
 
     @torch.no_grad()
     def select(self, ctx: ReductionContext) -> Selection:
+        if not self._has_images(ctx.items):
+            self.tap.consumed = True  # the next prompt's tower calls start afresh
+            self.last_logits, self.last_attention = [{} for _ in range(ctx.batch_size)], None
+            return Selection([ctx.valid_slots(b) for b in range(ctx.batch_size)])
         x = ctx.layer_input
         k = self.module.cfg.layer
         e = self.module.embedding(k).to(x.dtype)

@@ -226,7 +226,16 @@ def test_module_is_found_by_name_beside_the_model(random_tiny, tmp_path):
 # -- training ---------------------------------------------------------------------------------------------------
 
 
-def test_short_training_lowers_the_loss(random_tiny):
+@pytest.fixture
+def one_thread():
+    """The glimpse path's small ops run several times faster on one thread (as train_glimpse runs them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_short_training_lowers_the_loss(random_tiny, one_thread):
     cfg = TrainGlimpseConfig(epochs=3, batch_size=4, lr=3e-3, progress=False, seed=0)
     module_cfg = GlimpseModuleConfig.for_model(random_tiny)
     data = capture(random_tiny, module_cfg, scene_samples("train", 16), batch_size=8)
@@ -320,3 +329,15 @@ def test_train_config_composes():
     assert isinstance(cfg, TrainGlimpseConfig)
     assert cfg.samples == 10 and cfg.data == "viscot" and cfg.model.name == "qwen2_5_vl_tiny"
     assert cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+
+
+def test_videos_keep_every_token(saved):
+    from tests.token_pruners.common import video_request
+
+    adapter, _, path = saved
+    p = pruner(path, threshold=0.9)
+    reqs = [video_request(0), video_request(1)]
+    dense, valid, _ = prompt_logits(adapter, reqs)
+    pruned, _, records = prompt_logits(adapter, reqs, p)
+    assert all(r.visual_kept == r.visual_before > 0 for r in records)  # the reference prunes images only
+    assert_valid_logits_equal(dense, pruned, valid)
