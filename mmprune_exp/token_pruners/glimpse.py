@@ -374,6 +374,11 @@ class GlimpseConfig(TokenPrunerConfig):
         super().__post_init__()
         require(0.0 <= self.threshold < 1.0, "threshold", f"must be in [0, 1), got {self.threshold}")
         require(self.min_keep >= 1, "min_keep", f"must be >= 1 (a selection keeps a token), got {self.min_keep}")
+        # A path is checked here, at validation, before the model and the dense baseline; a bare name is looked up
+        # beside the model's weights when the pruner attaches (the model's path is not known here).
+        if self.module is not None and ("/" in self.module or self.module.startswith(("~", "."))):
+            require((Path(self.module).expanduser() / CONFIG_FILE).is_file(), "module",
+                    f"no trained glimpse module there (a folder with {CONFIG_FILE} and {STATE_FILE})")  # fmt: skip
 
 
 def resolve_module_dir(spec: str | None, model_path: str | None) -> Path:

@@ -341,3 +341,32 @@ def test_videos_keep_every_token(saved):
     pruned, _, records = prompt_logits(adapter, reqs, p)
     assert all(r.visual_kept == r.visual_before > 0 for r in records)  # the reference prunes images only
     assert_valid_logits_equal(dense, pruned, valid)
+
+
+def test_run_py_prunes_with_a_module_by_path_and_composes_with_weight_pruning(tmp_path):
+    from pathlib import Path
+
+    from mmprune_exp import ASSETS_DIR
+    from mmprune_exp.config.schema import ModelConfig
+    from mmprune_exp.models import load_adapter
+    from tests.test_run_e2e import run_py
+
+    # an untrained module for the shipped model: at threshold 0 every token passes, so the cap sets the count
+    module_dir = fresh_module(load_adapter(ModelConfig(path=str(ASSETS_DIR / "qwen2_5_vl_tiny"), device="cpu"))).save(
+        tmp_path / "glimpse")
+    run_dir = tmp_path / "r"
+    run_py(run_dir, "pruner=magnitude", "sparsity=s30", "token_pruner=glimpse", f"token_pruner.module={module_dir}",
+           "token_pruner.threshold=0", "token_pruner.keep_ratio=0.25", "benchmark.limit=8", "logger=none")  # fmt: skip
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["choices"]["token_pruner"] == "glimpse"
+    assert results["sparsity"] == pytest.approx(0.3, abs=0.01)
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    for row in rows:
+        t = row["tokens"]
+        assert t["visual_kept"] == int(0.25 * t["visual_before"]) and t["flops_ratio"] < 1.0
+    assert all("tokens" not in r for r in (json.loads(x) for x in
+                                           (Path(results["dense_cache"]) / "samples.jsonl").read_text().splitlines()))
+    # a module path that holds no module fails at validation, before the model loads
+    proc = run_py(tmp_path / "bad", "token_pruner=glimpse", f"token_pruner.module={tmp_path / 'nothing'}",
+                  "logger=none", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "token_pruner.module" in proc.stderr + proc.stdout
