@@ -370,3 +370,28 @@ def test_run_py_prunes_with_a_module_by_path_and_composes_with_weight_pruning(tm
     proc = run_py(tmp_path / "bad", "token_pruner=glimpse", f"token_pruner.module={tmp_path / 'nothing'}",
                   "logger=none", check=False)  # fmt: skip
     assert proc.returncode == 2 and "token_pruner.module" in proc.stderr + proc.stdout
+
+
+def test_train_run_writes_the_module_beside_the_model_and_logs_to_wandb(random_tiny_dir, tmp_path, one_thread):
+    import shutil
+
+    from mmprune_exp.config.schema import LoggerConfig, ModelConfig
+    from mmprune_exp.token_pruners.glimpse import resolve_module_dir
+    from mmprune_exp.tracking import read_offline_run
+    from mmprune_exp.train_glimpse import run
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(random_tiny_dir, model_dir)
+    cfg = TrainGlimpseConfig(model=ModelConfig(path=str(model_dir), device="cpu"), samples=8, eval_samples=4, epochs=2,
+                             batch_size=4, progress=False,
+                             logger=LoggerConfig(name="wandb", mode="offline", job_type="train_glimpse"))  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = run(cfg, run_dir)
+    assert out == model_dir / "glimpse" and resolve_module_dir(None, str(model_dir)) == out
+    history = json.loads((out / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and 0 < history[-1]["kept_ratio_mean"] <= 1
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    logged = {k for step in read_offline_run(offline).history for k in step}
+    assert {"train/loss", "train/dice", "train/bce", "eval/loss", "eval/kept_ratio_mean", "eval/kept_ratio_p90",
+            "eval/target_recall"} <= logged  # fmt: skip
