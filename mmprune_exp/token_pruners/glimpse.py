@@ -505,4 +505,31 @@ class Glimpse(TokenPruner):
     def attach(self, adapter: ModelAdapter, out_dir: Path | None = None) -> Iterator[TokenSession]:
         selector = self._selector(adapter)
         with selector.tap, super().attach(adapter, out_dir) as session:
+            if session is not None:
+                session = GlimpseSession(session.mechanism, session.shape, session.cfg, session.out_dir,
+                                         selector.module.cfg.layer)  # fmt: skip
             yield session
+
+
+class GlimpseSession(TokenSession):
+    """The token report with the glimpse path's own prefill work in ``flops_ratio``: the keys and values of every
+    prompt token re-projected in layers 0..K (``(K+1)·4·n·d·kv``; the glimpse token's single row and the VIP are
+    O(n) and left out), for a prompt with an image (an image-less prompt runs no glimpse path)."""
+
+    def __init__(self, mechanism, shape, cfg, out_dir, layer: int):
+        super().__init__(mechanism, shape, cfg, out_dir)
+        self.layer = layer
+
+    def glimpse_flops(self, record) -> int:
+        if not any(it.kind == "image" for it in record.items):
+            return 0
+        return (self.layer + 1) * 4 * record.tokens_before * self.shape.hidden * self.shape.kv_dim
+
+    def sample_row(self, record, batch_size: int) -> dict:
+        row = super().sample_row(record, batch_size)
+        dense = self.shape.layer_flops(record.tokens_before) * self.shape.layers
+        extra = self.glimpse_flops(record)
+        if dense and extra:
+            row["flops_ratio"] += extra / dense
+            row["glimpse_flops_ratio"] = extra / dense
+        return row

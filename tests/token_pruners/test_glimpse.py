@@ -395,3 +395,19 @@ def test_train_run_writes_the_module_beside_the_model_and_logs_to_wandb(random_t
     logged = {k for step in read_offline_run(offline).history for k in step}
     assert {"train/loss", "train/dice", "train/bce", "eval/loss", "eval/kept_ratio_mean", "eval/kept_ratio_p90",
             "eval/target_recall"} <= logged  # fmt: skip
+
+
+def test_token_report_counts_the_glimpse_path(saved):
+    adapter, module, path = saved
+    reqs = grounding_requests()
+    with pruner(path, threshold=0.0).attach(adapter) as session:
+        adapter.generate(reqs, 2)
+        records = session.mechanism.records
+        rows = [session.sample_row(r, len(reqs)) for r in records]
+    shape = adapter.decoder_shape()
+    for r, row in zip(records, rows):
+        dense = shape.layer_flops(r.tokens_before) * shape.layers
+        extra = (module.cfg.layer + 1) * 4 * r.tokens_before * shape.hidden * shape.kv_dim
+        # every token kept: the stock work plus re-projecting keys and values in layers 0..K
+        assert row["flops_ratio"] == pytest.approx(1.0 + extra / dense)
+        assert row["glimpse_flops_ratio"] == pytest.approx(extra / dense) and 0 < extra / dense < 0.2
