@@ -27,7 +27,8 @@ for the real tokens and advances the glimpse token through layer ℓ (its query 
 layer's MLP); at the point after layer K its layer-K query is scored against layer K's keys. The arithmetic is the
 reference's (up to float rounding of the separate matmuls), the prompt's own computation is untouched (so with every
 token kept the logits are bitwise the stock model's), and nothing has to be cropped from caches or masks. Cost:
-re-projecting keys and values in layers 0..K (GQA: ``2·kv/d`` of a layer's q/k/v/o work), not the whole layer.
+re-projecting keys and values in layers 0..K (GQA: ``2·kv/d`` of a layer's q/k/v/o work), not the whole layer;
+the token report counts it (:class:`GlimpseSession`).
 
 Not carried over: the training's next-token loss on the answer with the glimpse token inserted in the sequence
 (§2.8 ``le_weight``) — it teaches the answer tokens to tolerate a glimpse token placed before them during training,
