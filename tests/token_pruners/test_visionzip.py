@@ -140,8 +140,7 @@ def test_kept_sets_follow_keep_ratio_and_the_reference(random_tiny):
     for b, record in enumerate(records):
         (item,) = record.items
         n = item.length
-        assert n == 64  # the embedded architecture: 64 merged tokens per image and per 8-frame video
-        assert record.visual_before == n and record.visual_kept == keep_count(n, 0.5) == 32
+        assert record.visual_before == n and record.visual_kept == keep_count(n, 0.5)
         stats = ctx["vision"][(item.kind, item.index)]
         d, c = budget(n, 0.5, 10 / 64)
         slots = ctx["slots"][b][0]
@@ -157,7 +156,8 @@ def test_keep_ratio_one_reproduces_the_unpruned_logits(random_tiny):
     seen = capture_vision(pruner)
     pruned, _, records = prompt_logits(random_tiny, requests, pruner)
     assert seen and seen[0]["vision"]  # the point ran, with the vision statistics
-    assert [r.visual_kept for r in records] == [r.visual_before for r in records] == [64, 48]
+    assert [r.visual_kept for r in records] == [r.visual_before for r in records]
+    assert all(r.visual_before > 0 for r in records)
     assert_valid_logits_equal(dense, pruned, valid)
     assert generate(random_tiny, requests, pruner)[0] == random_tiny.generate(requests, 6)
 
@@ -166,8 +166,9 @@ def test_batch_of_different_sizes_equals_each_alone(random_tiny):
     requests = [image_request(2, size=(84, 112)), image_request(3)]
     pruner = build_token_pruner(VisionZipConfig(keep_ratio=0.3))
     texts, records = generate(random_tiny, requests, pruner)
-    assert [r.visual_before for r in records] == [48, 64]
-    assert [r.visual_kept for r in records] == [keep_count(48, 0.3), keep_count(64, 0.3)]
+    before = [r.visual_before for r in records]
+    assert before[0] < before[1]  # an 84x112 and a 112x112 image: really different token counts
+    assert [r.visual_kept for r in records] == [keep_count(n, 0.3) for n in before]
     for request, text, record in zip(requests, texts, records):
         alone_texts, alone_records = generate(random_tiny, [request], pruner)
         assert alone_texts == [text]
@@ -178,6 +179,6 @@ def test_generation_with_pruned_tokens_runs(random_tiny):
     pruner = build_token_pruner(VisionZipConfig(keep_ratio=0.25))
     texts, records = generate(random_tiny, [video_request(1), image_request(4)], pruner, max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    assert [r.visual_kept for r in records] == [16, 16]
+    assert [r.visual_kept for r in records] == [keep_count(r.visual_before, 0.25) for r in records]
     layers = random_tiny.decoder_shape().layers
-    assert all(r.tokens_per_layer == [r.tokens_before - 48] * layers for r in records)
+    assert all(r.tokens_per_layer == [r.tokens_before - (r.visual_before - r.visual_kept)] * layers for r in records)
