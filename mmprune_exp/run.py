@@ -133,6 +133,7 @@ def prepare(cfg: DictConfig) -> Job:
         benchmark.records()  # read and check the data files now, not after the model and the dense baseline
     pruner = build_pruner(_obj(cfg.pruner), _obj(cfg.sparsity))
     token_pruner = build_token_pruner(_obj(cfg.token_pruner))
+    token_pruner.check_model(_obj(cfg.model))
     calibration = None
     if pruner.needs_calibration or token_pruner.needs_calibration:
         with timer("calibration_data"):  # a missing calibration image fails here, in seconds

@@ -79,6 +79,10 @@ class TokenPruner:
         """What each decoder layer computes for visual tokens (empty: every layer is the stock one)."""
         return {}
 
+    def check_model(self, model_cfg) -> None:
+        """Before the model loads: what this method needs from the configured model (e.g. files beside its
+        weights) is there. Default: nothing to check."""
+
     def prepare(self, adapter: ModelAdapter, calibration: CalibrationData | None, run_dir: Path | None) -> None:
         """Before the pruned evaluation, on the model it will use (after weight pruning): calibrate what the
         method needs and write its artifacts to ``run_dir``. Default: nothing to prepare."""

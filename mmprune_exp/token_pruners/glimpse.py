@@ -376,7 +376,7 @@ class GlimpseConfig(TokenPrunerConfig):
         require(0.0 <= self.threshold < 1.0, "threshold", f"must be in [0, 1), got {self.threshold}")
         require(self.min_keep >= 1, "min_keep", f"must be >= 1 (a selection keeps a token), got {self.min_keep}")
         # A path is checked here, at validation, before the model and the dense baseline; a bare name is looked up
-        # beside the model's weights when the pruner attaches (the model's path is not known here).
+        # beside the model's weights by check_model (the model's path is not known here).
         if self.module is not None and ("/" in self.module or self.module.startswith(("~", "."))):
             require((Path(self.module).expanduser() / CONFIG_FILE).is_file(), "module",
                     f"no trained glimpse module there (a folder with {CONFIG_FILE} and {STATE_FILE})")  # fmt: skip
@@ -483,6 +483,12 @@ class Glimpse(TokenPruner):
     def __init__(self, cfg: GlimpseConfig):
         super().__init__(cfg)
         self.selector: GlimpseSelector | None = None
+
+    def check_model(self, model_cfg) -> None:
+        # A module given by name (or the default) lives beside a local checkpoint's weights: look now, before the
+        # model and the dense baseline. A hub id's folder is only known once it loads; attach looks then.
+        if model_cfg.path is not None and Path(model_cfg.path).expanduser().is_dir():
+            resolve_module_dir(self.cfg.module, model_cfg.path)
 
     def _selector(self, adapter: ModelAdapter) -> GlimpseSelector:
         if self.selector is None or self.selector.adapter is not adapter:

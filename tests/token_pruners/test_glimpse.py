@@ -370,6 +370,12 @@ def test_run_py_prunes_with_a_module_by_path_and_composes_with_weight_pruning(tm
     proc = run_py(tmp_path / "bad", "token_pruner=glimpse", f"token_pruner.module={tmp_path / 'nothing'}",
                   "logger=none", check=False)  # fmt: skip
     assert proc.returncode == 2 and "token_pruner.module" in proc.stderr + proc.stdout
+    # so does a name with no module beside the model's weights, before the model loads (no dense baseline)
+    proc = run_py(tmp_path / "bad_name", "token_pruner=glimpse", "token_pruner.module=nothing_here", "logger=none",
+                  check=False)  # fmt: skip
+    out = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "nothing_here" in out and "make glimpse-model" in out
+    assert "dense baseline" not in out and not (tmp_path / "bad_name" / "results.json").exists()
 
 
 def test_train_run_writes_the_module_beside_the_model_and_logs_to_wandb(random_tiny_dir, tmp_path, one_thread):
