@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmprune_exp import ASSETS_DIR
 from mmprune_exp.calibration import CalibrationData, build_calibration
 from mmprune_exp.config.schema import CalibrationConfig, ModelConfig
+from mmprune_exp.data import scenes
 from mmprune_exp.errors import ConfigError
 from mmprune_exp.models import load_adapter
 from mmprune_exp.models.attention_prior import rotate_half
@@ -53,6 +54,12 @@ def prepared(adapter, calibration, tmp_path_factory):
     pruner = build_token_pruner(YopoConfig(ffn=True))
     pruner.prepare(adapter, calibration, run_dir)
     return pruner, run_dir
+
+
+def image_side(adapter) -> int:
+    """Merged visual tokens per side of a scene image for this model's processor (patch x merge pixels each)."""
+    ip = adapter.processor.image_processor
+    return scenes.IMAGE_SIZE // (ip.patch_size * ip.merge_size)
 
 
 def requests():
@@ -319,12 +326,15 @@ def test_neighbour_only_visual_attention(adapter, causal):
     for layer in range(4):
         expected = simulate_layer(adapter, pruned[layer], window=3, causal_window=causal)
         assert rows_close(pruned[layer].output, expected, valid)
-    # analytic keys per visual query: every text key + the in-grid 3x3 neighbours (4x4 grid: 2.5 per axis on average)
+    # analytic keys per visual query: every text key + the in-grid 3x3 neighbours; along an axis of n tokens a
+    # 3-window holds 3n - 2 in-grid neighbours in all (2 at each border), (3n - 2) / n on average
     record = records[0]
     (item,) = record.items
-    assert item.grid == (1, 4, 4)
+    t, h, w = item.grid
+    assert t == 1 and h == w == image_side(adapter)
     text_keys = record.tokens_before - record.visual_before
-    assert record.layer_work[0].visual_keys == pytest.approx(text_keys + 2.5 * 2.5)
+    per_axis = (3 * h - 2) / h
+    assert record.layer_work[0].visual_keys == pytest.approx(text_keys + per_axis * per_axis)
 
 
 def test_a_causal_window_covering_the_whole_grid_is_the_dense_model(adapter):
@@ -448,11 +458,12 @@ def test_savings_are_real_the_executed_flops_are_the_analytic_ones(adapter, prep
         assert executed < dense and row["flops_ratio"] == pytest.approx(executed / dense, rel=1e-12)
         assert 0 < row["visual_flops_ratio"] < 1
     # the window: the analytic count takes the in-grid neighbours; the executed one also the padded slots of the
-    # gathered [queries, w*w] block at the grid's border (4x4 grid, w=3: 9*16 gathered, 100 inside)
+    # gathered [queries, w*w] block at the grid's border (n x n grid, w=3: 9 n^2 gathered, (3n - 2)^2 inside)
     pruner = build_token_pruner(YopoConfig(**OFF, window=True, window_size=3))
     executed, row, record = counted_flops(adapter, inputs, pruner)
     analytic = sum(shape.work_flops(w) for w in record.layer_work)
-    assert executed - analytic == 4 * shape.hidden * (9 * 16 - 100) * shape.layers
+    n = image_side(adapter)
+    assert executed - analytic == 4 * shape.hidden * (9 * n * n - (3 * n - 2) ** 2) * shape.layers
     assert executed < dense
 
 
