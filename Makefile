@@ -57,7 +57,7 @@ endif
 SYNC_DIR ?= outputs
 SYNC_ARGS ?=
 
-sweep: install ## A sweep and its report: EXPERIMENT=pruner_curve (25 jobs, ~20 min on 2 CPU cores), ARGS=overrides
+sweep: install ## A sweep and its report: EXPERIMENT=pruner_curve (25 jobs, ~60 min on 2 idle CPU cores), ARGS=overrides
 	$(PY) run.py experiment=$(EXPERIMENT) hydra.mode=MULTIRUN hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(PY) -m mmprune_exp.report $(SWEEP_DIR)
 
@@ -66,7 +66,7 @@ wandb-sync: install ## Upload the offline W&B runs below SYNC_DIR (outputs): job
 	if [ -z "$$runs" ]; then echo "no offline W&B runs below $(SYNC_DIR)"; exit 0; fi; \
 	echo "$$runs" | xargs $(VENV)/bin/wandb sync $(SYNC_ARGS)
 
-tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~20 min on 2 CPU cores)
+tiny-model: install ## Retrain the embedded tiny model from scratch (deterministic, ~60 min on 2 idle CPU cores)
 	$(PY) -m mmprune_exp.tiny.train --out mmprune_exp/assets/qwen2_5_vl_tiny --seed 0 $(ARGS)
 
 glimpse-model: install ## Train the tiny model's GlimpsePrune module (token_pruner=glimpse) into mmprune_exp/assets/qwen2_5_vl_tiny/glimpse (deterministic)

@@ -22,6 +22,7 @@ import argparse
 import collections
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +58,18 @@ def accuracy_and_confusion(items: list[scenes.VQAItem], preds: list[str]) -> tup
     return per_kind, dict(sorted(confusion.items())), sum(right.values()) / len(items)
 
 
+def object_tokens(item: scenes.VQAItem, n_tokens: int) -> list[int]:
+    """Raster indices of the merged image tokens covering the counted objects' scene cells: the image's
+    square token grid splits evenly into the scene's GRID x GRID cells (one token per cell at 16 tokens,
+    2 x 2 at 64)."""
+    side = math.isqrt(n_tokens)
+    per_cell = side // scenes.GRID
+    if side * side != n_tokens or per_cell * scenes.GRID != side:
+        raise ValueError(f"{item.id}: {n_tokens} image tokens do not tile the {scenes.GRID}x{scenes.GRID} scene cells")
+    return [(r * per_cell + dr) * side + c * per_cell + dc
+            for r, c in (o.cell for o in item.refs) for dr in range(per_cell) for dc in range(per_cell)]
+
+
 @torch.no_grad()
 def count_attention(adapter, items: list[scenes.VQAItem]) -> dict[str, dict[int, float]]:
     """Mean attention mass on the counted objects' image tokens, from the position that writes the count.
@@ -73,9 +86,7 @@ def count_attention(adapter, items: list[scenes.VQAItem]) -> dict[str, dict[int,
         attentions = adapter.model(**inputs, output_attentions=True).attentions
         for row, it in enumerate(chunk):
             image_pos = (inputs["input_ids"][row] == image_token).nonzero().flatten()
-            if len(image_pos) != scenes.GRID * scenes.GRID:
-                raise ValueError(f"{it.id}: {len(image_pos)} image tokens, expected one per scene cell")
-            counted = image_pos[[o.cell[0] * scenes.GRID + o.cell[1] for o in it.refs]]
+            counted = image_pos[object_tokens(it, len(image_pos))]
             m = len(it.refs)
             seen[m] += 1
             for layer, attn in enumerate(attentions):

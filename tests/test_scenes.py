@@ -16,6 +16,8 @@ from mmprune_exp.data.scenes import (
     SHAPE_PLURALS,
     SHAPES,
     SPLIT_SEEDS,
+    VIDEO_CELL,
+    VIDEO_SIZE,
     grounding_items,
     reading_order,
     video_items,
@@ -81,7 +83,7 @@ def test_images_have_the_documented_format():
     item = vqa_items("train", 1)[0]
     assert item.image.size == (IMAGE_SIZE, IMAGE_SIZE) and item.image.mode == "RGB"
     frames = video_items("train", 1, num_frames=6)[0].frames
-    assert len(frames) == 6 and all(f.size == (IMAGE_SIZE, IMAGE_SIZE) for f in frames)
+    assert len(frames) == 6 and all(f.size == (VIDEO_SIZE, VIDEO_SIZE) and f.mode == "RGB" for f in frames)
 
 
 def _pixel(image, obj) -> tuple[int, int, int]:
@@ -99,11 +101,13 @@ def test_objects_are_drawn_where_their_boxes_say():
             assert _pixel(item.image, obj) == COLOUR_RGB[obj.colour]
         cells = [o.cell for o in item.objects]
         assert len(cells) == len(set(cells)), "objects must occupy distinct grid cells"
-        # Each object stays inside its 28-pixel cell, i.e. inside one merged visual token.
+        # Each object stays inside its 28-pixel cell and covers part of each of the cell's 2 x 2 merged
+        # visual tokens (14 pixels each at the tiny model's patch 7): it crosses both mid-lines.
         for o in item.objects:
             row, col = o.cell
             assert col * 28 <= o.box[0] and o.box[2] <= (col + 1) * 28
             assert row * 28 <= o.box[1] and o.box[3] <= (row + 1) * 28
+            assert o.box[0] < col * 28 + 14 < o.box[2] - 1 and o.box[1] < row * 28 + 14 < o.box[3] - 1
 
 
 def _matching(objects, colour=None, kind=None):
@@ -166,35 +170,63 @@ def test_grounding_answers_match_the_objects():
         assert cells == sorted(cells)
 
 
-def _colour_centroid(frame, rgb):
-    arr = np.asarray(frame)
-    ys, xs = np.nonzero(np.all(arr == np.array(rgb, dtype=np.uint8), axis=-1))
-    return (xs.mean(), ys.mean(), len(xs)) if len(xs) else (None, None, 0)
-
-
 def test_video_answers_match_the_frames():
-    items = video_items("eval", 40)
-    assert [it.kind for it in items[:4]] == ["direction", "order"] * 2
+    items = video_items("eval", 90)
+    assert [it.kind for it in items[:6]] == ["mover", "direction", "still"] * 2
     for it in items:
         assert len(it.frames) == 8
-        if it.kind == "direction":
-            colour, _kind = re.match(r"Which direction does the (\w+) (\w+) move\?", it.question).groups()
-            first, last = np.asarray(it.frames[0]).astype(int), np.asarray(it.frames[-1]).astype(int)
-            moved = np.any(first != last, axis=-1)
-            target = np.array(COLOUR_RGB[colour])
-            ys0, xs0 = np.nonzero(moved & np.all(first == target, axis=-1))
-            ys1, xs1 = np.nonzero(moved & np.all(last == target, axis=-1))
-            dx, dy = xs1.mean() - xs0.mean(), ys1.mean() - ys0.mean()
-            if abs(dx) > abs(dy):
-                expected = "right" if dx > 0 else "left"
+        labels = [tr.label for tr in it.tracks]
+        assert len(labels) == len(set(labels)), "objects of a clip are told apart by colour and shape"
+        moved = {}
+        for tr in it.tracks:
+            # Every frame shows the object where its box says; the motion is read off the boxes.
+            for frame, box in zip(it.frames, tr.boxes):
+                assert _pixel(frame, scenes.ShapeObj(tr.kind, tr.colour, box)) == COLOUR_RGB[tr.colour]
+            dx, dy = tr.boxes[-1][0] - tr.boxes[0][0], tr.boxes[-1][1] - tr.boxes[0][1]
+            if dx == dy == 0:
+                moved[tr.label] = None
+                assert it.frames[0].crop(tr.boxes[0]).tobytes() == it.frames[-1].crop(tr.boxes[0]).tobytes()
             else:
-                expected = "down" if dy > 0 else "up"
-            assert it.answer == expected
-            assert max(abs(dx), abs(dy)) > 40
+                assert dx == 0 or dy == 0
+                moved[tr.label] = ("right" if dx > 0 else "left") if dx else ("down" if dy > 0 else "up")
+                assert max(abs(dx), abs(dy)) == 24  # about 3 pixels between consecutive frames
+            assert moved[tr.label] == tr.direction
+        # One frame never tells the answer: every clip has a moving object, so the first frame alone
+        # does not show which, where to, or how many stay.
+        assert any(moved.values())
+        if it.kind == "mover":
+            assert it.question == "Which shape moves?"
+            assert [label for label, d in moved.items() if d] == [it.answer]
+            assert len(moved) >= 2  # never the mover alone, which one frame would name
+        elif it.kind == "direction":
+            label = re.fullmatch(r"Which direction does the (\w+ \w+) move\? Answer left, right, up or down\.",
+                                 it.question).group(1)
+            assert moved[label] == it.answer and [lb for lb, d in moved.items() if d] == [label]
         else:
-            a, b = re.fullmatch(r"Which shape appears first, the (\w+ \w+) or the (\w+ \w+)\?", it.question).groups()
-            assert it.answer in (a, b) and a != b
-            assert it.frames[0].tobytes() != it.frames[-1].tobytes()
+            assert it.question == "How many shapes stay still?"
+            assert it.answer == str(sum(d is None for d in moved.values()))
+
+
+def test_video_layout_keeps_objects_apart():
+    counts = []
+    for it in video_items("train", 900):
+        cells = [tr.cells() for tr in it.tracks]
+        for i, a in enumerate(cells):
+            for b in cells[i + 1 :]:
+                assert not a & b, "a moving path never shares a cell with another object"
+        for tr, covered in zip(it.tracks, cells):
+            assert all(0 <= v <= VIDEO_SIZE for box in tr.boxes for v in box)
+            if not tr.moving:
+                assert len(covered) == 1  # a static object is one merged token per temporal patch
+            else:
+                rows, cols = {r for r, _ in covered}, {c for _, c in covered}
+                assert len(rows if tr.direction in ("left", "right") else cols) == 1  # keeps to its lane
+        if it.kind == "still":
+            counts.append(int(it.answer))
+    # Every answer 0-3 about equally often, so the count cannot be guessed.
+    values, freq = np.unique(counts, return_counts=True)
+    assert set(values) == {0, 1, 2, 3} and freq.max() / freq.sum() < 0.35
+    assert VIDEO_CELL * 4 == VIDEO_SIZE
 
 
 def test_grounding_answer_format_matches_qwen_style():

@@ -7,9 +7,11 @@ and items of different splits come from different seed material (see ``item_seed
 Image layout
 ------------
 Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` (112 x 112) RGB. The frame is divided into a 4 x 4 grid of
-28-pixel cells. With Qwen2.5-VL's patch size 14 and spatial merge 2, each cell is exactly one merged visual
-token, so an object never straddles two visual tokens; objects of one image occupy distinct cells and are
-jittered in size and position inside their cell.
+28-pixel cells. With the tiny model's patch size 7 and spatial merge 2, a merged visual token covers 14 x 14
+pixels, so each cell is exactly 2 x 2 merged tokens (64 per image); objects of one image occupy distinct
+cells, are jittered in size and position inside their cell, and always overlap all four tokens of it
+(an object is at least 14 pixels wide and starts at most 12 pixels into its cell). An object never reaches
+into another cell's tokens. Real Qwen2.5-VL checkpoints (patch 14) see each cell as one merged token.
 
 The background is a faint, per-scene tinted gradient (red channel grows with x, green with y). It is there
 on purpose: the Qwen2.5-VL vision tower has no absolute position embedding (only rotary attention), and a
@@ -50,7 +52,7 @@ SHAPE_PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "tria
 SPLIT_SEEDS: dict[str, int] = {"train": 1_000, "calibration": 2_000, "eval": 3_000}
 
 VQA_KINDS: tuple[str, ...] = ("count", "colour", "shape", "position")
-VIDEO_KINDS: tuple[str, ...] = ("direction", "order")
+VIDEO_KINDS: tuple[str, ...] = ("mover", "direction", "still")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 OPTION_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 
@@ -114,6 +116,8 @@ class VideoItem:
     question: str
     answer: str
     kind: str  # one of VIDEO_KINDS
+    tracks: list[Track] = field(default_factory=list)  # every object of the clip
+    refs: list[Track] = field(default_factory=list)  # the objects the question is about
 
 
 # --------------------------------------------------------------------------------------------- seeding
@@ -149,11 +153,11 @@ def _check_range(n: int, start: int) -> None:
 # --------------------------------------------------------------------------------------------- drawing
 
 
-def _background(rng: random.Random) -> np.ndarray:
+def _background(rng: random.Random, size: int = IMAGE_SIZE) -> np.ndarray:
     """Per-scene tinted grey with a gentle x (red) / y (green) gradient; see the module docstring."""
     base = np.array([rng.randint(92, 120), rng.randint(92, 120), rng.randint(100, 130)], dtype=np.float32)
-    ramp = np.linspace(0.0, 44.0, IMAGE_SIZE, dtype=np.float32)
-    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    ramp = np.linspace(0.0, 44.0, size, dtype=np.float32)
+    img = np.empty((size, size, 3), dtype=np.float32)
     img[:, :, 0] = base[0] + ramp[None, :]
     img[:, :, 1] = base[1] + ramp[:, None]
     img[:, :, 2] = base[2]
@@ -372,9 +376,58 @@ def grounding_items(split: str, n: int, start: int = 0) -> list[GroundingItem]:
 
 
 # --------------------------------------------------------------------------------------------- video
+#
+# Videos are smaller than images so that an 8-frame clip costs the model about what one image does:
+# VIDEO_SIZE x VIDEO_SIZE frames (56 x 56) on a 4 x 4 grid of 14-pixel cells, each cell one merged visual
+# token per temporal patch (with the tiny model's 7-pixel patches and 2 x 2 merge), so 8 frames give
+# 4 temporal patches x 16 = 64 visual tokens. Objects are smaller (8-11 pixels) to fit a cell. A static
+# object stays inside one cell (one token per temporal patch); a moving object keeps to one row (moving
+# left/right) or one column (moving up/down) of cells and travels about 24 pixels over the clip, so it
+# crosses two or three cells and moves 3-4 pixels between consecutive frames, which is visible inside
+# one temporal patch of two frames. Cells crossed by a moving object's path never hold another object.
 
+VIDEO_SIZE = 56
+VIDEO_CELL = 14
+VIDEO_GRID = VIDEO_SIZE // VIDEO_CELL  # 4 cells per side
+VIDEO_FRAMES = 8
+VIDEO_MIN_SIZE, VIDEO_MAX_SIZE = 8, 11
+VIDEO_TRAVEL = 24  # pixels a moving object travels over the whole clip, whatever the frame count
+VIDEO_QUESTIONS = {
+    "mover": "Which shape moves?",
+    "direction": "Which direction does the {label} move? Answer left, right, up or down.",
+    "still": "How many shapes stay still?",
+}
 
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+@dataclass
+class Track:
+    """One object of a video: its box in every frame, and where it moves (None: it stays still)."""
+
+    kind: str
+    colour: str
+    boxes: list[tuple[int, int, int, int]]  # per frame, (x1, y1, x2, y2) exclusive, in VIDEO_SIZE pixels
+    direction: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+    @property
+    def moving(self) -> bool:
+        return self.direction is not None
+
+    def cells(self, frames=None) -> set[tuple[int, int]]:
+        """(row, column) of every VIDEO_CELL cell the object covers in the given frames (default: all)."""
+        frames = range(len(self.boxes)) if frames is None else frames
+        out = set()
+        for t in frames:
+            x1, y1, x2, y2 = self.boxes[t]
+            for r in range(y1 // VIDEO_CELL, (y2 - 1) // VIDEO_CELL + 1):
+                for c in range(x1 // VIDEO_CELL, (x2 - 1) // VIDEO_CELL + 1):
+                    out.add((r, c))
+        return out
 
 
 def _frame(bg: np.ndarray, objects: list[ShapeObj]) -> Image.Image:
@@ -385,83 +438,90 @@ def _frame(bg: np.ndarray, objects: list[ShapeObj]) -> Image.Image:
     return image
 
 
-def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 2) -> bool:
-    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
-
-
-def _direction_video(rng: random.Random, num_frames: int) -> tuple[list[Image.Image], str, str]:
-    kind, colour = rng.choice(SHAPES), rng.choice(COLOURS)
+def _moving_track(rng: random.Random, spec: tuple[str, str], num_frames: int) -> Track:
+    kind, colour = spec
     direction = rng.choice(DIRECTIONS)
-    size = rng.randint(MIN_SIZE, 20)
-    # Travel about 60 % of the frame whatever the frame count, so motion is always obvious.
-    travel = rng.randint(52, IMAGE_SIZE - size - 8)
-    speed = travel / max(num_frames - 1, 1)
+    size = rng.randint(VIDEO_MIN_SIZE, VIDEO_MAX_SIZE)
     dx, dy = _STEP[direction]
-    lo, hi = 2, IMAGE_SIZE - size - 2
-    along_start = lo + rng.randint(0, hi - lo - travel) if hi - lo > travel else lo
+    # Along the motion: anywhere the whole path fits, 1 pixel from the border.
+    lo, hi = 1, VIDEO_SIZE - 1 - size - VIDEO_TRAVEL
+    start = rng.randint(lo, hi)
     if dx < 0 or dy < 0:
-        along_start = along_start + travel
-    across = rng.randint(lo, hi)
+        start += VIDEO_TRAVEL
+    # Across the motion: inside one row/column of cells, 1 pixel from its borders.
+    lane = rng.randrange(VIDEO_GRID)
+    across = lane * VIDEO_CELL + rng.randint(1, VIDEO_CELL - 1 - size)
     boxes = []
     for t in range(num_frames):
-        along = round(along_start + (dx + dy) * speed * t)
+        along = round(start + (dx + dy) * VIDEO_TRAVEL * t / max(num_frames - 1, 1))
         x1, y1 = (along, across) if dx else (across, along)
         boxes.append((x1, y1, x1 + size, y1 + size))
-    path = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-    static: list[ShapeObj] = []
-    if rng.random() < 0.5:
-        spec = _random_specs_excluding(rng, 1, lambda s, c: (s, c) == (kind, colour))[0]
-        for _ in range(50):  # rejection-sample a spot off the mover's path
-            cell = rng.randrange(GRID * GRID)
-            box = _box_in_cell(rng, cell)
-            if not _overlaps(box, path):
-                static = [ShapeObj(spec[0], spec[1], box)]
-                break
-    bg = _background(rng)
-    frames = [_frame(bg, static + [ShapeObj(kind, colour, box)]) for box in boxes]
-    question = f"Which direction does the {colour} {kind} move? Answer left, right, up or down."
-    return frames, question, direction
+    return Track(kind, colour, boxes, direction)
 
 
-def _order_video(rng: random.Random, num_frames: int) -> tuple[list[Image.Image], str, str]:
-    first = (rng.choice(SHAPES), rng.choice(COLOURS))
-    second = first
-    while second == first:
-        second = (rng.choice(SHAPES), rng.choice(COLOURS))
-    # Appearance times on even frames and at least two frames apart, so with temporal patches of two
-    # frames the two objects never appear inside the same temporal patch.
-    slots = list(range(0, max(num_frames - 1, 1), 2)) or [0]
-    if len(slots) < 2:
-        slots = [0, max(num_frames - 1, 1)]
-    t_first, t_second = sorted(rng.sample(slots, 2))
-    cells = rng.sample(range(GRID * GRID), 2)
-    objs = [ShapeObj(first[0], first[1], _box_in_cell(rng, cells[0])),
-            ShapeObj(second[0], second[1], _box_in_cell(rng, cells[1]))]
-    bg = _background(rng)
-    frames = []
-    for t in range(num_frames):
-        visible = [objs[0]] if t >= t_first else []
-        if t >= t_second:
-            visible.append(objs[1])
-        frames.append(_frame(bg, visible))
-    mentioned = [first, second]
-    rng.shuffle(mentioned)
-    a, b = (f"{c} {s}" for s, c in mentioned)
-    question = f"Which shape appears first, the {a} or the {b}?"
-    return frames, question, f"{first[1]} {first[0]}"
+def _static_track(rng: random.Random, spec: tuple[str, str], cell: tuple[int, int], num_frames: int) -> Track:
+    size = rng.randint(VIDEO_MIN_SIZE, VIDEO_MAX_SIZE)
+    x1 = cell[1] * VIDEO_CELL + rng.randint(1, VIDEO_CELL - 1 - size)
+    y1 = cell[0] * VIDEO_CELL + rng.randint(1, VIDEO_CELL - 1 - size)
+    return Track(spec[0], spec[1], [(x1, y1, x1 + size, y1 + size)] * num_frames)
 
 
-def video_item(split: str, index: int, num_frames: int = 8) -> VideoItem:
+def _video_layout(rng: random.Random, n_moving: int, n_static: int, num_frames: int) -> list[Track]:
+    """``n_moving`` moving and ``n_static`` static objects, all of distinct (shape, colour), moving paths
+    disjoint from each other and from the static objects' cells (cell by cell)."""
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    while True:  # rejection-sample the moving paths; a few tries at most (they rarely collide)
+        specs = rng.sample(pairs, n_moving + n_static)
+        movers = [_moving_track(rng, spec, num_frames) for spec in specs[:n_moving]]
+        used = [tr.cells() for tr in movers]
+        if all(not (a & b) for i, a in enumerate(used) for b in used[i + 1 :]):
+            break
+    taken = set().union(*used) if used else set()
+    free = [(r, c) for r in range(VIDEO_GRID) for c in range(VIDEO_GRID) if (r, c) not in taken]
+    cells = rng.sample(free, n_static)
+    statics = [_static_track(rng, spec, cell, num_frames) for spec, cell in zip(specs[n_moving:], cells)]
+    tracks = movers + statics
+    rng.shuffle(tracks)
+    return tracks
+
+
+def render_video(tracks: list[Track], rng: random.Random) -> list[Image.Image]:
+    bg = _background(rng, VIDEO_SIZE)
+    n = len(tracks[0].boxes)
+    return [_frame(bg, [ShapeObj(tr.kind, tr.colour, tr.boxes[t]) for tr in tracks]) for t in range(n)]
+
+
+def video_item(split: str, index: int, num_frames: int = VIDEO_FRAMES) -> VideoItem:
+    """Kinds cycle with the index (mover, direction, still). Each question needs more than one frame:
+    "Which shape moves?" (one moving object among 1-2 static ones), "Which direction does the <label> move?"
+    (one moving object among 0-2 static ones), "How many shapes stay still?" (1-2 moving and 0-3 static objects, so the number of objects in
+    one frame does not give the answer)."""
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2, got {num_frames}")
     kind = VIDEO_KINDS[index % len(VIDEO_KINDS)]
     rng = _rng(split, f"video{num_frames}", index)
-    builder = _direction_video if kind == "direction" else _order_video
-    frames, question, answer = builder(rng, num_frames)
-    return VideoItem(id=f"video-{split}-{index:06d}", frames=frames, question=question, answer=answer, kind=kind)
+    if kind == "still":
+        n_static = rng.randint(0, 3)  # the answer is drawn first, uniformly
+        n_moving = rng.randint(1, 2)
+    elif kind == "mover":
+        # At least one still object: with the mover alone, any single frame names it.
+        n_static, n_moving = rng.randint(1, 2), 1
+    else:
+        n_static, n_moving = rng.randint(0, 2), 1
+    tracks = _video_layout(rng, n_moving, n_static, num_frames)
+    mover = next(tr for tr in tracks if tr.moving)
+    if kind == "mover":
+        question, answer, refs = VIDEO_QUESTIONS["mover"], mover.label, [mover]
+    elif kind == "direction":
+        question, answer, refs = VIDEO_QUESTIONS["direction"].format(label=mover.label), mover.direction, [mover]
+    else:
+        refs = [tr for tr in tracks if not tr.moving]
+        question, answer = VIDEO_QUESTIONS["still"], str(len(refs))
+    return VideoItem(id=f"video-{split}-{index:06d}", frames=render_video(tracks, rng), question=question,
+                     answer=answer, kind=kind, tracks=tracks, refs=refs)
 
 
-def video_items(split: str, n: int, start: int = 0, num_frames: int = 8) -> list[VideoItem]:
+def video_items(split: str, n: int, start: int = 0, num_frames: int = VIDEO_FRAMES) -> list[VideoItem]:
     _check_split(split)
     _check_range(n, start)
     return [video_item(split, i, num_frames=num_frames) for i in range(start, start + n)]

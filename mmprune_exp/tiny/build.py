@@ -17,7 +17,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from ..data.scenes import IMAGE_SIZE
+from ..data.scenes import IMAGE_SIZE, VIDEO_SIZE
 from .tokenizer import (
     IM_END,
     IMAGE_PAD,
@@ -52,12 +52,18 @@ CHAT_TEMPLATE = r"""{%- for message in messages -%}
 {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}"""
 
-PATCH_SIZE = 14
+# Patch 7 with Qwen's 2 x 2 merge: one merged visual token per 14 x 14 pixels, so a 112 x 112 scene gives
+# 16 x 16 patches -> 8 x 8 = 64 merged tokens (each 28-pixel grid cell of the scenes is 2 x 2 tokens), enough
+# for visual-token pruning to have something to choose from, at the scene size the model was always
+# trained on. (224-pixel scenes at patch 14 give the same 64 tokens, but 4x the pixels per patch and a
+# coordinate vocabulary twice as large.) qwen-vl-utils resizes by patch x merge = 14 pixels.
+PATCH_SIZE = 7
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
-# Pixel budget: images up to IMAGE_SIZE x IMAGE_SIZE keep their size (112 x 112 -> 8 x 8 patches ->
-# 16 merged tokens); larger inputs are downscaled to that budget, which is all this model was trained on.
-MIN_PIXELS = (PATCH_SIZE * MERGE_SIZE) ** 2 * 4  # 56 x 56, Qwen's own minimum
+# Pixel budget: images up to IMAGE_SIZE x IMAGE_SIZE keep their size (112 x 112 -> 64 merged tokens); larger
+# inputs are downscaled to that budget, which is all this model was trained on. The minimum is the synthetic
+# video frame (56 x 56 -> 16 merged tokens per temporal patch), so those frames are never upscaled.
+MIN_PIXELS = VIDEO_SIZE * VIDEO_SIZE
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 
@@ -141,7 +147,8 @@ def build_config(tokenizer, arch: TinyArch | None = None) -> Qwen2_5_VLConfig:
         "patch_size": PATCH_SIZE,
         "spatial_merge_size": MERGE_SIZE,
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        # A 112-pixel window covers a whole 112 x 112 image, so window attention equals full attention here.
+        # A 112-pixel window (8 x 8 merged tokens at patch 7) covers a whole 112 x 112 image, so window
+        # attention equals full attention here.
         "window_size": IMAGE_SIZE,
         "fullatt_block_indexes": [arch.vision_depth - 1],
         "tokens_per_second": 2,

@@ -49,7 +49,7 @@ TASK_WORDS: tuple[str, ...] = (
     "shape", "shapes", "object", "How", "many", "are", "there", "What", "colour", "is", "the", "Is",
     "to", "of", "above", "below", "yes", "no", "Answer", "with", "letter", "Locate", "every", "in",
     "image", "and", "output", "bbox", "coordinates", "JSON", "format", "bbox_2d", "label", "json",
-    "Which", "direction", "does", "move", "or", "appears", "first",
+    "Which", "direction", "does", "move", "or", "moves", "stay", "still",
     # chat-template role names
     "system", "user", "assistant",
 )  # fmt: skip

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mmprune_exp.data import scenes
 from mmprune_exp.models.vision_inputs import processor_media, vision_messages
-from mmprune_exp.tiny.build import build_processor
+from mmprune_exp.tiny.build import PATCH_SIZE, build_processor
 
 PROMPT = "<|vision_start|><|video_pad|><|vision_end|>Q"
 
@@ -46,8 +46,9 @@ def test_frame_list_takes_the_processors_pixels_and_a_2_fps_clock(processor):
     # The frames are already a multiple of patch x merge (14) and inside the budget: no resize.
     plain = processor(text=[PROMPT], videos=[item.frames], return_tensors="pt")
     assert torch.equal(ours["pixel_values_videos"], plain["pixel_values_videos"])
-    assert ours["video_grid_thw"].tolist() == [[4, 8, 8]]  # 8 frames of 56 x 56 at patch 7
-    assert (ours["input_ids"] == processor.video_token_id).sum() == 64
+    side = scenes.VIDEO_SIZE // PATCH_SIZE  # patches per side of a 56 x 56 frame (8 at the tiny model's patch 7)
+    assert ours["video_grid_thw"].tolist() == [[4, side, side]]  # 8 frames / temporal patch 2
+    assert (ours["input_ids"] == processor.video_token_id).sum() == 4 * side * side // 4
     # Sampled at 2 fps: a temporal patch of two frames is one second. The processor alone, without the
     # metadata, would assume 24 fps (1/12 s), which is not how the frames were made.
     assert ours["second_per_grid_ts"].tolist() == [1.0]
@@ -70,7 +71,8 @@ def test_mp4_file_and_frame_list_take_one_path(processor, tmp_path):
     long = tmp_path / "long.mp4"
     _write_mp4(long, scenes.video_items("eval", 1, num_frames=16)[0].frames, fps=8)
     inputs = _video_inputs(processor, [{"video": str(long), "nframes": 4}])
-    assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]]
+    side = scenes.VIDEO_SIZE // PATCH_SIZE
+    assert inputs["video_grid_thw"].tolist() == [[2, side, side]]
     # 4 frames out of 2 s of video: 2 fps, so again one second per temporal patch.
     assert inputs["second_per_grid_ts"].tolist() == [1.0]
 

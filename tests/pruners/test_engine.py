@@ -23,7 +23,7 @@ def test_capture_keeps_layer_inputs_and_visual_masks(random_tiny, requests):
     for x, req in zip(inputs, requests):
         ids = random_tiny.encode([req])["input_ids"][0]
         assert x.hidden.shape == (1, len(ids), random_tiny.model.config.text_config.hidden_size)
-        assert int(x.visual.sum()) == 16  # one 112x112 image = 16 merged visual tokens
+        assert int(x.visual.sum()) == 64  # one 112x112 image = 8x8 merged visual tokens (7 px patches, 2x2 merged)
         cos, _sin = x.kwargs["position_embeddings"]
         assert cos.shape[-2] == len(ids)
 
