@@ -454,7 +454,7 @@ def compare_amia(args, ref) -> dict:
         return pruner._prune_layer(index, linears, {name: tee.ours for name, tee in stats.items()})
 
     start = time.perf_counter()
-    engine.run(inputs, make_stat, on_layer, desc="tamp_amia vs reference", prepare_sample=pruner.prepare_sample)
+    engine.run(inputs, make_stat, on_layer, desc="tamp_amia vs reference", prepare_sample=pruner.sample_preparer())
     records = ctx["records"]
     out = {"layers": sorted(layers), "seconds": time.perf_counter() - start, "calls": len(records),
            "skipped": sum("skipped" in r for r in records), "linears": masks, "variants": {}}  # fmt: skip

@@ -114,7 +114,7 @@ def worker(model_dir: str, method: str, samples: int, tokens: int, visual_tokens
             pruner.adapter = adapter
             pruner.plan(engine, inputs)
             plan_s = time.perf_counter() - start
-            engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base, prepare_sample=pruner.prepare_sample)
+            engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base, prepare_sample=pruner.sample_preparer())
         else:
             engine.run(inputs, pruner.make_stat, pruner._prune_layer, desc=base)
     loop_s = time.perf_counter() - start
