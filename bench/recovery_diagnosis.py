@@ -58,18 +58,6 @@ def accuracy_and_confusion(items: list[scenes.VQAItem], preds: list[str]) -> tup
     return per_kind, dict(sorted(confusion.items())), sum(right.values()) / len(items)
 
 
-def object_tokens(item: scenes.VQAItem, n_tokens: int) -> list[int]:
-    """Raster indices of the merged image tokens covering the counted objects' scene cells: the image's
-    square token grid splits evenly into the scene's GRID x GRID cells (one token per cell at 16 tokens,
-    2 x 2 at 64)."""
-    side = math.isqrt(n_tokens)
-    per_cell = side // scenes.GRID
-    if side * side != n_tokens or per_cell * scenes.GRID != side:
-        raise ValueError(f"{item.id}: {n_tokens} image tokens do not tile the {scenes.GRID}x{scenes.GRID} scene cells")
-    return [(r * per_cell + dr) * side + c * per_cell + dc
-            for r, c in (o.cell for o in item.refs) for dr in range(per_cell) for dc in range(per_cell)]
-
-
 @torch.no_grad()
 def count_attention(adapter, items: list[scenes.VQAItem]) -> dict[str, dict[int, float]]:
     """Mean attention mass on the counted objects' image tokens, from the position that writes the count.
@@ -86,7 +74,8 @@ def count_attention(adapter, items: list[scenes.VQAItem]) -> dict[str, dict[int,
         attentions = adapter.model(**inputs, output_attentions=True).attentions
         for row, it in enumerate(chunk):
             image_pos = (inputs["input_ids"][row] == image_token).nonzero().flatten()
-            counted = image_pos[object_tokens(it, len(image_pos))]
+            side = math.isqrt(len(image_pos))  # a square image: its merged tokens form a side x side grid
+            counted = image_pos[[i for o in it.refs for i in scenes.cell_tokens(o.cell, side)]]
             m = len(it.refs)
             seen[m] += 1
             for layer, attn in enumerate(attentions):

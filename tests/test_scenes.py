@@ -233,3 +233,13 @@ def test_grounding_answer_format_matches_qwen_style():
     assert scenes.format_grounding_answer([(1, 2, 3, 4)], "red circle") == (
         '```json\n[\n\t{"bbox_2d": [1, 2, 3, 4], "label": "red circle"}\n]\n```'
     )
+
+
+def test_cell_tokens_tile_the_image_grid():
+    # 16 tokens: one per cell; 64 tokens: the 2 x 2 block under the cell, in raster order.
+    assert scenes.cell_tokens((1, 2), 4) == [6]
+    assert scenes.cell_tokens((1, 2), 8) == [20, 21, 28, 29]
+    every = sorted(i for r in range(scenes.GRID) for c in range(scenes.GRID) for i in scenes.cell_tokens((r, c), 8))
+    assert every == list(range(64))
+    with pytest.raises(ValueError, match="6x6 token grid"):
+        scenes.cell_tokens((0, 0), 6)

@@ -204,6 +204,16 @@ def make_scene(
     return Scene(image=render(objects, rng), objects=objects)
 
 
+def cell_tokens(cell: tuple[int, int], side: int) -> list[int]:
+    """Raster indices of the merged visual tokens over scene cell ``(row, col)`` when the image is a ``side`` x
+    ``side`` token grid (one token per cell at 4, 2 x 2 at 8): cells are token-aligned squares."""
+    per_cell = side // GRID
+    if per_cell * GRID != side:
+        raise ValueError(f"a {side}x{side} token grid does not tile the {GRID}x{GRID} scene cells")
+    row, col = cell
+    return [(row * per_cell + dr) * side + col * per_cell + dc for dr in range(per_cell) for dc in range(per_cell)]
+
+
 def reading_order(objects: list[ShapeObj]) -> list[ShapeObj]:
     """Row by row (grid rows), left to right: the order grounding answers list their boxes in."""
     return sorted(objects, key=lambda o: (o.cell, o.box))

@@ -98,16 +98,10 @@ N_CELL_CLASSES = 1 + len(scenes.SHAPES) * len(scenes.COLOURS)  # empty, or one (
 # Merged visual tokens: one per (PATCH_SIZE * MERGE_SIZE)-pixel square, in raster order.
 TOKEN_PIXELS = PATCH_SIZE * MERGE_SIZE
 TOKEN_GRID = scenes.IMAGE_SIZE // TOKEN_PIXELS  # 8 tokens per side of an image
-PER_CELL = scenes.CELL // TOKEN_PIXELS  # 2: a scene cell is PER_CELL x PER_CELL tokens
 N_TOKENS = TOKEN_GRID * TOKEN_GRID
 VIDEO_TOKEN_GRID = scenes.VIDEO_SIZE // TOKEN_PIXELS  # 4 tokens per side of a video frame
 assert scenes.VIDEO_CELL == TOKEN_PIXELS, "a video cell is one merged token"
 MOTIONS = ("still", *scenes.DIRECTIONS)  # motion classes of a video token's object
-
-
-def cell_token_indices(row: int, col: int) -> list[int]:
-    """Raster indices of the PER_CELL x PER_CELL merged tokens of scene cell (row, col)."""
-    return [(row * PER_CELL + dr) * TOKEN_GRID + col * PER_CELL + dc for dr in range(PER_CELL) for dc in range(PER_CELL)]
 
 
 # Periods (pixels) of the sinusoidal code of a coordinate: the longest makes 0..112 unambiguous, the
@@ -130,16 +124,16 @@ def scene_targets(objects: list[scenes.ShapeObj]) -> tuple[torch.Tensor, torch.T
     """Per merged visual token (raster order over the 8 x 8 token grid): the class of the object in the
     token's 28-pixel cell (0 = empty) and the codes of its box coordinates (of the cell itself if empty).
 
-    All PER_CELL x PER_CELL tokens of a cell get the cell's targets: every object overlaps all of them (see
+    All tokens of a cell (2 x 2) get the cell's targets: every object overlaps all of them (see
     ``scenes``), and giving each object the same number of tokens keeps an attention mass over matching
     tokens proportional to the number of matching objects, which is what the count heads read."""
     cells = torch.zeros(N_TOKENS, dtype=torch.long)
     boxes = torch.empty(N_TOKENS, 4)
     for r in range(scenes.GRID):
         for c in range(scenes.GRID):
-            boxes[cell_token_indices(r, c)] = torch.tensor([c, r, c + 1, r + 1], dtype=torch.float) * scenes.CELL
+            boxes[scenes.cell_tokens((r, c), TOKEN_GRID)] = torch.tensor([c, r, c + 1, r + 1], dtype=torch.float) * scenes.CELL
     for obj in objects:
-        idx = cell_token_indices(*obj.cell)
+        idx = scenes.cell_tokens(obj.cell, TOKEN_GRID)
         cells[idx] = object_class(obj.kind, obj.colour)
         boxes[idx] = torch.tensor(obj.box, dtype=torch.float)
     return cells, coord_code(boxes).flatten(1)
@@ -216,7 +210,7 @@ def guide_targets(batch: Batch, tok, image_token_id: int, refs: list[list[scenes
         ids = ids_all[row].tolist()
         img_pos = [i for i, t in enumerate(ids) if t == image_token_id]
         # Per referenced object, the positions of its cell's tokens (see ``scene_targets``).
-        ref_pos = [[img_pos[i] for i in cell_token_indices(*o.cell)] for o in row_refs]
+        ref_pos = [[img_pos[i] for i in scenes.cell_tokens(o.cell, TOKEN_GRID)] for o in row_refs]
         ref_all = [p for pos in ref_pos for p in pos]
         q_start = max(i for i, t in enumerate(ids) if t == vision_end) + 1
         q_end = length - n_target - 5  # the question ends before "<|im_end|>\n<|im_start|>assistant\n"
